@@ -1,0 +1,1 @@
+"""faceset engines: run exported face models fast (ONNX Runtime, TensorRT, torch)."""

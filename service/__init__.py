@@ -1,0 +1,1 @@
+"""faceset service: HTTP API over the engines. Never imports torch."""

@@ -1,0 +1,25 @@
+"""Training settings, read from FACESET_* environment variables."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+_REPO = Path(__file__).resolve().parent.parent
+
+
+class TrainingSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="FACESET_", extra="ignore")
+
+    data_dir: Path = Field(
+        default=_REPO.parent / "shared" / "data",
+        description="Root of the real face data (celeba-299/, celeba-10k-aligned/, lfw-dev/, orl/). "
+        "FACESET_DATA_DIR. Tests needing it skip where it is absent.",
+    )
+    runs_dir: Path = Field(default=_REPO / "runs", description="Where training runs write checkpoints and logs. FACESET_RUNS_DIR.")
+    num_threads: int = Field(default=0, description="torch intra-op threads; 0 keeps torch's default. FACESET_NUM_THREADS.")
+
+
+def get_settings() -> TrainingSettings:
+    return TrainingSettings()
