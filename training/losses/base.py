@@ -45,5 +45,5 @@ class MarginSoftmaxLoss(nn.Module):
         return LossOutput(sum(parts.values()), scaled, parts)
 
     def forward_batch(self, model: nn.Module, head: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> LossOutput:
-        """One training step's loss: embed, score against the classifier, apply the margin."""
+        """One training step's loss. `model` is a training.embedder.Embedder: model(images) -> (B, D)."""
         return self(head(model(images), labels))
