@@ -12,6 +12,8 @@ import yaml
 from pydantic import ConfigDict, Field
 from pydantic.dataclasses import dataclass
 
+from training.data.transforms import AugmentConfig
+
 _STRICT = ConfigDict(extra="forbid")
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
@@ -39,16 +41,6 @@ class LossConfig:
 
 
 @dataclass(config=_STRICT)
-class AugmentConfig:
-    flip: bool = True
-    brightness: float = 0.0
-    contrast: float = 0.0
-    saturation: float = 0.0
-    grayscale: float = 0.0
-    crop_scale: float = 0.0  # random resized crop scale jitter (0 = off)
-
-
-@dataclass(config=_STRICT)
 class DataConfig:
     kind: Literal["folder", "recordio"] = "folder"
     root: str = "celeba-299"  # relative to FACESET_DATA_DIR unless absolute
@@ -59,7 +51,7 @@ class DataConfig:
     exclude: list[str] = Field(default_factory=list)
     batch_size: int = 128  # per rank
     num_workers: int = 2
-    augment: AugmentConfig = Field(default_factory=AugmentConfig)
+    augment: AugmentConfig = Field(default_factory=AugmentConfig)  # training/data/transforms.py
 
 
 @dataclass(config=_STRICT)
@@ -103,7 +95,7 @@ class TrainConfig:
     max_steps: int | None = None  # stop early (smoke runs, tests)
     seed: int = 0
     amp: bool = True  # only takes effect on CUDA
-    sync_bn: bool = True  # global-batch BN statistics under DDP
+    sync_bn: bool = True  # global-batch BN statistics when data-parallel
     grad_clip: float | None = 5.0
     log_every: int = 10
     checkpoint_every: int = 500  # steps; a checkpoint is also written at every epoch end

@@ -18,9 +18,14 @@ class EmbedderModule(nn.Module):
 
     def forward(self, x: torch.Tensor, dropouts: Sequence[float] | None = None):
         if dropouts is None:
-            return self.backbone(x).float()  # float32 embeddings for the loss, also under AMP
+            return _loss_precision(self.backbone(x))
         feat = self.backbone.forward_features(x)  # (B, C, h, w), computed once for every view
-        return tuple(self.backbone.forward_head(feat, dropout=p).float() for p in dropouts)
+        return tuple(_loss_precision(self.backbone.forward_head(feat, dropout=p)) for p in dropouts)
+
+
+def _loss_precision(e: torch.Tensor) -> torch.Tensor:
+    """At least float32 for the loss (AMP gives float16); float64 stays float64."""
+    return e if e.dtype == torch.float64 else e.float()
 
 
 class Embedder:

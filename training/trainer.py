@@ -1,8 +1,10 @@
 """The training loop: one process or `torchrun` DDP (gloo on CPU, nccl on GPU).
 
 Every rank runs the same global-batch loss (see training/dist.py), the backbone's DDP sums
-gradients, and BN statistics are global (training/sync_bn.py), so a W-process run follows the
-loss curve of one process with the same global batch.
+gradients over ranks, the classifier is sharded (Partial FC) and BN statistics are global
+(training/sync_bn.py), so a W-process run follows the loss curve of one process with the same
+global batch (exactly in float64; float32 differs by summation order, which a freshly
+initialised network's BN backward amplifies to ~0.5% on some gradients).
 """
 from __future__ import annotations
 
@@ -82,6 +84,7 @@ class Trainer:
         self.steps_per_epoch = self.sampler.batches_per_epoch
         self.total_steps = cfg.max_steps or math.ceil(cfg.epochs * self.steps_per_epoch)
         self.model = self._build_model()
+        self.dtype = next(self.backbone.parameters()).dtype  # float32, or float64 for exactness checks
         self.head = HEADS.build(cfg.head.name, embedding_size=cfg.model.embedding_size, num_classes=self.dataset.num_classes, sample_rate=cfg.head.sample_rate).to(self.device)
         self.loss = build_loss(cfg.loss.name, cfg.loss.kwargs, num_classes=self.dataset.num_classes, embedding_size=cfg.model.embedding_size).to(self.device)
         self.optimizer = self._build_optimizer()
@@ -102,7 +105,7 @@ class Trainer:
         model.to(self.device)
         self.backbone = model  # the bare module: checkpoints and export use it
         module = EmbedderModule(model)
-        if dist.is_dist():
+        if dist.is_dist():  # DDP also broadcasts rank 0's weights, so every rank starts identical
             module = DDP(module, device_ids=[self.device.index] if self.device.type == "cuda" else None, broadcast_buffers=False)
             module.register_comm_hook(None, dist.sum_gradients_hook)
         self.embedder = Embedder(module)
@@ -171,7 +174,7 @@ class Trainer:
             self.loss.set_epoch(epoch)
 
     def train_step(self, images: torch.Tensor, labels: torch.Tensor):
-        images = images.to(self.device, non_blocking=True)
+        images = images.to(self.device, dtype=self.dtype, non_blocking=True)
         labels = labels.to(self.device, non_blocking=True)
         with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.scaler.is_enabled()):
             out = self.loss.forward_batch(self.embedder, self.head, images, labels)
@@ -186,8 +189,11 @@ class Trainer:
         self.step += 1
         return out
 
-    def fit(self, evaluate=None) -> dict:
-        """Train to total_steps (resuming where a checkpoint exists). `evaluate(backbone) -> dict` runs at epoch ends."""
+    def fit(self, evaluate=None, stop_at: int | None = None) -> dict:
+        """Train to total_steps (resuming where a checkpoint exists). `evaluate(backbone) -> dict` runs at epoch ends.
+
+        `stop_at` ends this run early after that step's checkpoint, as a preempted job would.
+        """
         self.resume()
         last_eval: dict = {}
         t0, seen = time.time(), 0
@@ -205,10 +211,13 @@ class Trainer:
                     parts = {f"loss/{k}": v.item() for k, v in out.parts.items()}
                     self.metrics.log(self.step, loss=out.loss.item(), lr=self.scheduler.get_last_lr()[0], epoch=self.step / self.steps_per_epoch, samples_per_s=rate, **parts)
                     progress.set_postfix(loss=f"{out.loss.item():.3f}")
-                if self.step % self.cfg.checkpoint_every == 0:
+                if self.step % self.cfg.checkpoint_every == 0 or self.step == stop_at:
                     self.save()
-                if self.step >= self.total_steps:
+                if self.step >= self.total_steps or self.step == stop_at:
                     break
+            if self.step == stop_at and self.step < self.total_steps:
+                self.metrics.close()
+                return last_eval
             epoch_done = self.step % self.steps_per_epoch == 0 or self.step >= self.total_steps
             if epoch_done:
                 self.save()

@@ -4,7 +4,7 @@ from engines.registry import Registry
 LOSSES: Registry = Registry("loss")
 
 from training.losses.base import LossOutput, MarginSoftmaxLoss  # noqa: E402
-from training.losses import combined_margin  # noqa: E402,F401
+from training.losses import cluster_margin, combined_margin, coreface, gb_cosface, magface  # noqa: E402,F401
 
 __all__ = ["LOSSES", "LossOutput", "MarginSoftmaxLoss"]
 

@@ -20,4 +20,4 @@ def build_backbone(name: str, **kwargs):
 
 def _import_all() -> None:
     # modules register themselves on import; imported lazily so `import training.models` stays cheap
-    from training.models import iresnet, mobilefacenet  # noqa: F401
+    from training.models import dlib_resnet, iresnet, mobilefacenet  # noqa: F401
