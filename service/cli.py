@@ -1,7 +1,6 @@
 """The `faceset` command line. Subcommands import their package lazily: `serve` never loads torch."""
 from __future__ import annotations
 
-import os
 import sys
 from typing import Annotated, Optional
 
@@ -27,6 +26,38 @@ def train(
     from training.train import main
 
     main(args)
+
+
+@app.command("eval")
+def eval_(
+    model: Annotated[str, typer.Argument(help="a backbone.pt written by training, or untrained:<arch>[:<dim>]")],
+    pairs: Annotated[str, typer.Option(help="LFW-style pairs file (relative to FACESET_DATA_DIR unless absolute)")] = "lfw-dev/pairs.txt",
+    images: Annotated[str, typer.Option(help="folder of the pairs' images (relative to FACESET_DATA_DIR unless absolute)")] = "lfw-dev/images",
+    crop: Annotated[Optional[str], typer.Option(help="fixed relative crop l,t,r,b applied before resizing (pre-aligned photos)")] = None,
+    out: Annotated[Optional[str], typer.Option(help="folder for eval.json, roc.png and erc.png")] = None,
+    flip: Annotated[bool, typer.Option(help="add the embedding of the mirrored image")] = False,
+    degradations: Annotated[bool, typer.Option(help="also report magnitude against blur/low-res/occlusion/noise")] = True,
+) -> None:
+    """Verification accuracy (10-fold), TAR@FAR, and MagFace quality (error-versus-reject) of a torch model."""
+    import json
+    from pathlib import Path
+
+    import torch
+
+    from training.evaluate import evaluate_checkpoint
+    from training.settings import get_settings
+
+    root = get_settings().data_dir
+    box = tuple(float(v) for v in crop.split(",")) if crop else None
+    result = evaluate_checkpoint(model, _under(root, pairs), _under(root, images), box, Path(out) if out else None, torch.device("cpu"), flip, degradations)
+    typer.echo(json.dumps(result, indent=1))
+
+
+def _under(root, path: str):
+    from pathlib import Path
+
+    p = Path(path).expanduser()
+    return p if p.is_absolute() else root / p
 
 
 def main() -> None:  # pragma: no cover - console entry point

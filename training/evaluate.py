@@ -1,6 +1,7 @@
 """Evaluate a torch backbone on an LFW-style pairs benchmark (training-time and `faceset eval --torch`)."""
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -65,3 +66,77 @@ def pair_evaluator(cfg: EvalConfig, size: int, data_dir: Path, device: torch.dev
         return pair_summary(embed_pairs(model, pairs_file, images, preprocess, device), cfg.n_folds)
 
     return run
+
+
+# ---- `faceset eval` for torch checkpoints ---------------------------------------------------
+
+def load_backbone(spec: str, device: torch.device) -> tuple[nn.Module, int]:
+    """A trained backbone (a backbone.pt from training) or `untrained:<arch>[:<embedding_size>]` (seed 0).
+
+    Returns (model in eval mode, its input size).
+    """
+    from training.models import build_backbone
+
+    if spec.startswith("untrained:"):
+        _, arch, *size = spec.split(":")
+        torch.manual_seed(0)
+        model = build_backbone(arch, embedding_size=int(size[0]) if size else 512)
+        return model.to(device).eval(), getattr(model, "input_size", 112)
+    art = torch.load(spec, map_location="cpu", weights_only=False)
+    model = build_backbone(art["arch"], embedding_size=art["embedding_size"], **art.get("kwargs", {}))
+    model.load_state_dict(art["backbone"])
+    return model.to(device).eval(), art.get("input_size", 112)
+
+
+@torch.no_grad()
+def magnitude_by_degradation(model: nn.Module, paths: Sequence[Path], preprocess: Preprocess, device: torch.device, levels: dict[str, Sequence[float]]) -> dict[str, list[tuple[float, float]]]:
+    """Mean embedding magnitude of the images at each strength of each degradation, [(strength, mean ‖f‖)]."""
+    from PIL import Image
+
+    from training.data.transforms import crop_resize, load_rgb, to_tensor
+    from training.eval.degrade import degrade
+
+    images = [np.asarray(load_rgb(p)) for p in paths]
+    out: dict[str, list[tuple[float, float]]] = {}
+    for kind, strengths in levels.items():
+        rows = []
+        for s in strengths:
+            batch = [degrade(img, kind, s, seed=i) if s else img for i, img in enumerate(images)]
+            x = torch.stack([to_tensor(crop_resize(Image.fromarray(b), preprocess.size, preprocess.crop)) for b in batch]).to(device)
+            mags = torch.cat([model(x[i : i + 64]).float().norm(dim=1) for i in range(0, len(x), 64)])
+            rows.append((float(s), float(mags.mean())))
+        out[kind] = rows
+    return out
+
+
+DEGRADATION_SAMPLE = 200  # images (an even stride over the pairs' images) for the magnitude study
+DEFAULT_DEGRADATIONS = {"blur": (0, 1, 2, 4), "lowres": (1, 2, 4, 8), "occlude": (0, 0.1, 0.25, 0.4), "noise": (0, 10, 25, 50)}
+
+
+def evaluate_checkpoint(spec: str, pairs: Path, images: Path, crop: tuple | None, out_dir: Path | None, device: torch.device, flip: bool = False, degradations: bool = True) -> dict:
+    """Pair accuracy, TAR@FAR, the MagFace error-versus-reject curve and magnitude vs degradation."""
+    from training.eval.plots import plot_erc, plot_roc
+    from training.eval.quality import erc_from_embeddings
+
+    model, size = load_backbone(spec, device)
+    preprocess = Preprocess(size=size, crop=crop)
+    pe = embed_pairs(model, pairs, images, preprocess, device, flip=flip)
+    result: dict = {"model": spec, **pair_summary(pe)}
+    s = evaluate_pairs(pe.a, pe.b, pe.issame).summary()
+    result["tar_at_far"] = s["tar_at_far"]
+    for fmr in (1e-3, 1e-2):
+        erc = erc_from_embeddings(pe.a, pe.b, pe.issame, fmr=fmr)
+        result[f"erc_fmr_{fmr:g}"] = {"reject": erc.reject.tolist(), "fnmr": erc.fnmr.tolist(), "auc": erc.auc}
+    if degradations:
+        unique = sorted({p for p in read_pairs(pairs, images) for p in (p.path_a, p.path_b)})
+        sample = unique[:: max(1, len(unique) // DEGRADATION_SAMPLE)][:DEGRADATION_SAMPLE]
+        result["magnitude_by_degradation"] = magnitude_by_degradation(model, sample, preprocess, device, DEFAULT_DEGRADATIONS)
+    if out_dir is not None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        report = evaluate_pairs(pe.a, pe.b, pe.issame)
+        plot_roc({spec: (report.roc[0], report.roc[1])}, out_dir / "roc.png")
+        plot_erc({f"FMR {k.split('_')[-1]}": (v["reject"], v["fnmr"]) for k, v in result.items() if k.startswith("erc_")}, out_dir / "erc.png", title="Error versus reject (quality = MagFace magnitude)")
+        from training.checkpoint import atomic_write_text
+
+        atomic_write_text(out_dir / "eval.json", json.dumps(result, indent=1))
+    return result
