@@ -26,6 +26,7 @@ class ModelConfig:
     kwargs: dict[str, Any] = Field(default_factory=dict)
     init: str | None = None  # checkpoint (our backbone state dict) to start from; relative to runs_dir or absolute
     freeze_bn: bool = False  # keep BN statistics fixed (fine-tuning on small data)
+    trainable: list[str] | None = None  # parameter-name prefixes to train; the rest stays frozen (None: all)
 
 
 @dataclass(config=_STRICT)
@@ -61,6 +62,7 @@ class OptimConfig:
     momentum: float = 0.9
     weight_decay: float = 5e-4
     backbone_lr_mult: float = 1.0  # < 1 when fine-tuning a pretrained backbone
+    head_warmup_steps: int = 0  # train only the classifier first, so a random head sends no noise into a pretrained backbone
 
 
 @dataclass(config=_STRICT)

@@ -99,7 +99,10 @@ class Trainer:
         model = build_backbone(m.backbone, embedding_size=m.embedding_size, dropout=m.dropout, **m.kwargs)
         if m.init:
             state = torch.load(resolve(m.init, self.settings.runs_dir), map_location="cpu", weights_only=False)
-            model.load_state_dict(state.get("backbone", state))
+            model.load_state_dict(state.get("backbone", state.get("state_dict", state)))
+        if m.trainable is not None:
+            for name, p in model.named_parameters():
+                p.requires_grad_(p.requires_grad and name.startswith(tuple(m.trainable)))
         if dist.is_dist() and self.cfg.sync_bn:
             model = convert_sync_bn(model, self.device)
         model.to(self.device)
@@ -180,6 +183,9 @@ class Trainer:
             out = self.loss.forward_batch(self.embedder, self.head, images, labels)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(out.loss).backward()
+        if self.step < self.cfg.optim.head_warmup_steps:
+            for p in self.backbone.parameters():
+                p.grad = None  # skipped by the optimizer: no update, no momentum
         if self.cfg.grad_clip:
             self.scaler.unscale_(self.optimizer)
             nn.utils.clip_grad_norm_(self.backbone.parameters(), self.cfg.grad_clip)

@@ -13,6 +13,7 @@ from PIL import Image
 
 from training.config import load_config
 from training.metrics_log import read_metrics
+from training.models import build_backbone
 from training.settings import TrainingSettings
 
 pytestmark = pytest.mark.slow
@@ -130,3 +131,26 @@ def test_two_process_ddp_matches_one_process(tmp_path, loss):
     b = torch.load(tmp_path / "ddp" / "backbone.pt", weights_only=False)["backbone"]
     worst = max((a[k] - b[k]).abs().max().item() for k in a if a[k].is_floating_point())
     assert worst < 1e-9
+
+
+def _initial_backbone(cfg):
+    torch.manual_seed(cfg.seed)
+    return build_backbone(cfg.model.backbone, embedding_size=cfg.model.embedding_size).state_dict()
+
+
+def test_head_warmup_and_trainable_prefixes_freeze_the_backbone(tmp_path):
+    """During head warm-up no backbone weight moves; afterwards only the `trainable` prefixes do."""
+    data = make_folder_dataset(tmp_path / "data")
+    settings = _settings(tmp_path)
+    cfg = tiny_config(data, 8, 2, ("optim.head_warmup_steps=2",))
+    _train(cfg, tmp_path / "warm", settings)
+    before = _initial_backbone(cfg)
+    after = torch.load(tmp_path / "warm" / "backbone.pt", weights_only=False)["backbone"]
+    params = {k for k, _ in build_backbone("mobilefacenet", embedding_size=64).named_parameters()}
+    assert all(torch.equal(before[k], after[k]) for k in params)
+
+    cfg = tiny_config(data, 8, 2, ("model.trainable=[features]",))
+    _train(cfg, tmp_path / "partial", settings)
+    after = torch.load(tmp_path / "partial" / "backbone.pt", weights_only=False)["backbone"]
+    moved = {k for k in params if not torch.equal(before[k], after[k])}
+    assert moved and all(k.startswith("features") for k in moved)

@@ -131,9 +131,13 @@ class DlibResNet(FaceBackbone):
         dropout: float = 0.0,
         levels: tuple[Level, ...] = DLIB_LEVELS,
         stem_width: int = DLIB_STEM_WIDTH,
+        output_scale: float = 1.0,
     ) -> None:
         super().__init__()
         self.embedding_size = embedding_size
+        # dlib's descriptors have norms ≈ 1.4; MagFace needs magnitudes in its [l_a, u_a] range
+        # from the first step, and a fixed scale leaves every cosine (so accuracy) unchanged.
+        self.output_scale = output_scale
         self.levels_config = tuple(levels)
         self.intermediate_channels = tuple(level.width for level in levels)
         self.register_buffer("input_mean", torch.tensor(DLIB_RGB_MEAN, dtype=torch.float32))
@@ -168,7 +172,7 @@ class DlibResNet(FaceBackbone):
 
     def embed(self, feat: torch.Tensor) -> torch.Tensor:
         """Global average pool then fc: (B, C, h, w) -> (B, C) -> (B, D)."""
-        return self.fc(feat.mean(dim=(2, 3)))
+        return self.fc(feat.mean(dim=(2, 3))) * self.output_scale
 
     def forward_head(self, feat: torch.Tensor, dropout: float | None = None) -> torch.Tensor:
         """Global average pool → dropout (probability `dropout` if given, else the model's) → fc.
@@ -178,7 +182,7 @@ class DlibResNet(FaceBackbone):
         """
         p = self.dropout.p if dropout is None else dropout
         pooled = feat.mean(dim=(2, 3))  # (B, C, h, w) -> (B, C)
-        return self.fc(F.dropout(pooled, p=p, training=self.training))
+        return self.fc(F.dropout(pooled, p=p, training=self.training)) * self.output_scale
 
     def blocks(self) -> Iterator[DlibBlock]:
         for level in self.levels:
