@@ -44,7 +44,8 @@ class LossConfig:
 @dataclass(config=_STRICT)
 class DataConfig:
     kind: Literal["folder", "recordio"] = "folder"
-    root: str = "celeba-299"  # relative to FACESET_DATA_DIR unless absolute
+    root: str = "celeba-299"  # relative to the `base` folder unless absolute
+    base: Literal["data", "aligned"] = "data"  # FACESET_DATA_DIR, or FACESET_ALIGNED_DIR (align_tool output)
     size: int = 112
     crop: tuple[float, float, float, float] | None = None  # fixed relative crop (l, t, r, b) before resizing
     min_images_per_class: int = 1
@@ -77,7 +78,8 @@ class ScheduleConfig:
 @dataclass(config=_STRICT)
 class EvalConfig:
     pairs: str | None = None  # LFW-style pairs file, relative to FACESET_DATA_DIR unless absolute
-    images: str | None = None  # its images folder
+    images: str | None = None  # its images folder, relative to the `images_base` folder unless absolute
+    images_base: Literal["data", "aligned"] = "data"
     crop: tuple[float, float, float, float] | None = None
     every_epochs: int = 1
     n_folds: int = 10

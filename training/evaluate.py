@@ -54,12 +54,12 @@ def pair_summary(pe: PairEmbeddings, n_folds: int = 10) -> dict:
     return {"accuracy": s["accuracy_mean"], "accuracy_std": s["accuracy_std"], "best_threshold": s["best_threshold"], "pairs": int(pe.issame.size)}
 
 
-def pair_evaluator(cfg: EvalConfig, size: int, data_dir: Path, device: torch.device) -> Callable[[nn.Module], dict] | None:
+def pair_evaluator(cfg: EvalConfig, size: int, settings, device: torch.device) -> Callable[[nn.Module], dict] | None:
     """The epoch-end evaluation the config asks for, or None."""
     if not cfg.pairs:
         return None
-    pairs_file = Path(cfg.pairs) if Path(cfg.pairs).is_absolute() else data_dir / cfg.pairs
-    images = Path(cfg.images) if cfg.images and Path(cfg.images).is_absolute() else data_dir / (cfg.images or "")
+    pairs_file = settings.data_dir / cfg.pairs  # an absolute cfg.pairs wins over the base
+    images = settings.base_dir(cfg.images_base) / (cfg.images or "")
     preprocess = Preprocess(size=size, crop=tuple(cfg.crop) if cfg.crop else None)
 
     def run(model: nn.Module) -> dict:

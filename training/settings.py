@@ -17,8 +17,17 @@ class TrainingSettings(BaseSettings):
         description="Root of the real face data (celeba-299/, celeba-10k-aligned/, lfw-dev/, orl/). "
         "FACESET_DATA_DIR. Tests needing it skip where it is absent.",
     )
+    aligned_dir: Path = Field(
+        default=_REPO / "runs" / "aligned",
+        description="Aligned face crops written by training.data.align_tool (never committed). FACESET_ALIGNED_DIR.",
+    )
     runs_dir: Path = Field(default=_REPO / "runs", description="Where training runs write checkpoints and logs. FACESET_RUNS_DIR.")
     num_threads: int = Field(default=0, description="torch intra-op threads; 0 keeps torch's default. FACESET_NUM_THREADS.")
+
+
+    def base_dir(self, base: str) -> Path:
+        """The folder a config's relative path is taken under: "data" or "aligned"."""
+        return {"data": self.data_dir, "aligned": self.aligned_dir}[base]
 
 
 def get_settings() -> TrainingSettings:

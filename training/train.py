@@ -27,7 +27,7 @@ def run(config: str, overrides: list[str], run_dir: str | None = None) -> dict:
     from training.trainer import Trainer
 
     trainer = Trainer(cfg, out, settings)
-    result = trainer.fit(evaluate=pair_evaluator(cfg.eval, cfg.data.size, settings.data_dir, trainer.device))
+    result = trainer.fit(evaluate=pair_evaluator(cfg.eval, cfg.data.size, settings, trainer.device))
     if dist.rank() == 0:
         print(json.dumps({"run_dir": str(out), "step": trainer.step, **result}))
     if dist.is_dist():

@@ -70,7 +70,7 @@ class Trainer:
         self.settings = settings or get_settings()
         self.device = device or init_distributed()
         torch.manual_seed(cfg.seed)
-        self.dataset = build_train_dataset(cfg.data, self.settings.data_dir, seed=cfg.seed)
+        self.dataset = build_train_dataset(cfg.data, self.settings.base_dir(cfg.data.base), seed=cfg.seed)
         self.sampler = ShardedEpochSampler(len(self.dataset), cfg.data.batch_size, cfg.seed, dist.rank(), dist.world_size())
         self.loader = DataLoader(
             self.dataset,

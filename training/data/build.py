@@ -7,10 +7,10 @@ from training.data import DATASETS
 from training.data.transforms import build_transforms
 
 
-def build_train_dataset(cfg, data_dir: Path, seed: int = 0):
-    """cfg is training.config.DataConfig; a relative root is taken under FACESET_DATA_DIR."""
+def build_train_dataset(cfg, base_dir: Path, seed: int = 0):
+    """cfg is training.config.DataConfig; a relative root is taken under base_dir (settings.base_dir(cfg.base))."""
     root = Path(cfg.root).expanduser()
-    root = root if root.is_absolute() else Path(data_dir) / root
+    root = root if root.is_absolute() else Path(base_dir) / root
     return DATASETS.build(
         cfg.kind,
         root=root,

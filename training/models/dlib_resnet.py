@@ -202,7 +202,7 @@ def load_converted(model: DlibResNet, path: str | Path) -> DlibResNet:
 
 
 @BACKBONES.register("dlib_resnet34")
-def dlib_resnet34(embedding_size: int = 128, dropout: float = 0.0, weights: str | Path | None = None) -> DlibResNet:
+def dlib_resnet34(embedding_size: int = 128, dropout: float = 0.0, weights: str | Path | None = None, output_scale: float = 1.0) -> DlibResNet:
     """dlib's face ResNet; `weights`: a checkpoint from training.convert.dlib_resnet (needs embedding_size 128)."""
-    model = DlibResNet(embedding_size=embedding_size, dropout=dropout)
+    model = DlibResNet(embedding_size=embedding_size, dropout=dropout, output_scale=output_scale)
     return load_converted(model, weights) if weights is not None else model

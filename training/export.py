@@ -1,0 +1,476 @@
+"""Export a trained backbone to ONNX plus a model card, checked against torch before anything is kept.
+
+    python -m training.export runs/NAME/backbone.pt --out models/NAME --name NAME --version 1 \\
+        --licence "…" [--data-licence "…"] [--template arcface_112] [--parity-dir DIR] [--card overrides.yaml] [--style]
+
+Reads either checkpoint faceset writes for a backbone: `Trainer.export_final`'s backbone.pt
+({"backbone": state_dict, "arch", "embedding_size", "kwargs", "input_size", "config", …}) or
+`training.convert.dlib_resnet`'s ({"state_dict", "arch", "embedding_size", "input_size", "source", …}).
+
+The exported graph takes the card-preprocessed input, x = (p − mean)/std in the card's channel
+order. Our backbones read (p − 127.5)/127.5 RGB, so the card says mean 127.5, std 127.5, RGB and
+the graph is the bare backbone; a card override with other scaling or BGR gets the conversion
+folded into the graph (`ExportModule`).
+
+Parity: the ONNX, run by `engines.onnx_runtime.OnnxRuntimeEngine` through the card's own
+preprocessing, is compared with the torch backbone fed independently scaled input, on real
+aligned faces when given (random pixels otherwise): every face's embeddings must agree with
+cosine ≥ 0.9999 and magnitudes within 0.1% (the magnitude is the quality). Failing that, the
+export raises and leaves no file behind. The ONNX is written to a temp file, fsynced and moved
+into place only after parity holds; card.yaml (with the ONNX's sha256) is written atomically after.
+
+`style_outputs=True` adds a second output "style" for CAFace: for each map of the backbone's
+`forward_intermediates` (shallowest first), the per-channel mean and standard deviation over
+positions, interleaved per channel and concatenated over maps, (B, 2·Σ C_i) (`style_statistics`).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import inspect
+import os
+import shlex
+import sys
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import cv2
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+from torch import nn
+
+from engines.base import preprocess
+from engines.model_card import (
+    CARD_FILENAME,
+    ModelCard,
+    Parity,
+    fsync_file,
+    sha256_file,
+    temp_path_beside,
+)
+from engines.onnx_runtime import OnnxRuntimeEngine
+from engines.registry import Registry
+from training.models import build_backbone
+from training.models.layers import FaceBackbone
+
+OPSET = 17
+INPUT_NAME, EMBEDDING_NAME, STYLE_NAME = "input", "embedding", "style"
+BACKBONE_MEAN = BACKBONE_STD = 127.5  # every faceset backbone reads (p − 127.5)/127.5, RGB
+DEFAULT_TEMPLATE = "arcface_112"
+PARITY_MIN_COSINE = 0.9999
+PARITY_MAX_NORM_REL_DIFF = 1e-3
+PARITY_RANDOM_FACES = 8
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+
+
+class ParityError(RuntimeError):
+    """The exported graph does not compute what the torch backbone computes."""
+
+
+# ---------------------------------------------------------------- checkpoints
+
+
+@dataclass
+class LoadedBackbone:
+    model: FaceBackbone  # eval mode, float32, CPU
+    arch: str
+    embedding_size: int
+    input_size: int
+    path: Path
+    card_defaults: dict = field(default_factory=dict)  # what the checkpoint says about the card
+
+
+@dataclass(frozen=True)
+class CheckpointFormat:
+    """A backbone checkpoint layout: the key of its state dict and what it tells the card."""
+
+    state_key: str
+    build_kwargs: Callable[[dict], dict]
+    card_defaults: Callable[[dict, Path], dict]
+
+
+CHECKPOINT_FORMATS: Registry[CheckpointFormat] = Registry("backbone checkpoint format")
+
+
+def _trainer_kwargs(ck: dict) -> dict:
+    # a factory's `weights` would load starting weights the state dict is about to replace
+    return {k: v for k, v in (ck.get("kwargs") or {}).items() if k != "weights"}
+
+
+def _trainer_card(ck: dict, path: Path) -> dict:
+    config = ck.get("config") or {}
+    run = f" of training run {config['name']!r}" if config.get("name") else ""
+    step = f" at step {ck['step']}" if "step" in ck else ""
+    card: dict = {"input": {"template": DEFAULT_TEMPLATE},
+                  "provenance": {"source": f"{path.name}: faceset backbone{run}{step}"}}
+    magnitude = magnitude_from_config(config)
+    if magnitude:
+        card["magnitude"] = magnitude
+        # until measured on real faces, the training range: MagFace's margin is linear on [l_a, u_a]
+        card["quality"] = {"method": "magface_linear", "low": magnitude["l_a"], "high": magnitude["u_a"]}
+    if config:
+        data, model = config.get("data", {}), config.get("model", {})
+        card["training"] = {
+            "data": f"{data.get('root')} ({data.get('kind')} dataset, {data.get('size')} px)",
+            "recipe": f"faceset train {config.get('name')}",
+            "notes": f"starting weights: {model['init']}" if model.get("init") else None,
+        }
+    return card
+
+
+def _dlib_card(ck: dict, path: Path) -> dict:
+    source = ck.get("source") or {}
+    return {
+        "input": {"template": "dlib_150"},
+        "licence": source.get("license", "unknown"),
+        "provenance": {
+            "source": f"{source.get('file', '?')} from {source.get('package', '?')}, by {source.get('author', '?')}; "
+                      f"converted to {path.name} by training.convert.dlib_resnet",
+            "notes": f"sha256 of the .dat: {source.get('sha256', '?')}; dlib aligns with {ck.get('alignment', '?')}",
+        },
+    }
+
+
+CHECKPOINT_FORMATS.register("faceset_backbone")(CheckpointFormat("backbone", _trainer_kwargs, _trainer_card))
+CHECKPOINT_FORMATS.register("dlib_converted")(CheckpointFormat("state_dict", lambda ck: {}, _dlib_card))
+
+
+def magnitude_from_config(config: dict) -> dict | None:
+    """{l_a, u_a} when the training loss is magnitude-aware (its factory takes l_a and u_a), else None."""
+    from training.losses import LOSSES
+
+    loss = config.get("loss") or {}
+    if loss.get("name") not in LOSSES:
+        return None
+    params = inspect.signature(LOSSES.get(loss["name"])).parameters
+    if not {"l_a", "u_a"} <= params.keys():
+        return None
+    kwargs = loss.get("kwargs") or {}
+    return {key: float(kwargs.get(key, params[key].default)) for key in ("l_a", "u_a")}
+
+
+def _square_side(size) -> int:
+    sides = {int(s) for s in (size if isinstance(size, (list, tuple)) else [size])}
+    if len(sides) != 1:
+        raise ValueError(f"only square inputs are supported, the checkpoint says {size}")
+    return sides.pop()
+
+
+def load_backbone(path: str | Path) -> LoadedBackbone:
+    """The backbone of a faceset backbone.pt or a converted dlib checkpoint, in eval mode."""
+    path = Path(path)
+    ck = torch.load(path, map_location="cpu", weights_only=True)
+    formats = [CHECKPOINT_FORMATS.get(n) for n in CHECKPOINT_FORMATS.names()]
+    fmt = next((f for f in formats if f.state_key in ck), None)
+    if fmt is None:
+        keys = ", ".join(f.state_key for f in formats)
+        raise ValueError(f"{path}: not a backbone checkpoint (no {keys} key; found {sorted(ck)})")
+    model = build_backbone(ck["arch"], embedding_size=ck["embedding_size"], **fmt.build_kwargs(ck))
+    model.load_state_dict(ck[fmt.state_key], strict=True)
+    model = model.float().eval()
+    size = _square_side(ck.get("input_size", model.input_size))
+    return LoadedBackbone(model, ck["arch"], int(ck["embedding_size"]), size, path, fmt.card_defaults(ck, path))
+
+
+# ---------------------------------------------------------------- the exported module
+
+
+def style_statistics(maps: Sequence[torch.Tensor]) -> torch.Tensor:
+    """CAFace's style input: per-channel mean and std of each (B, C_i, h, w) map -> (B, 2·Σ C_i).
+
+    For every channel, mean and standard deviation over the h·w positions (std with the n − 1
+    divisor, torch.std's default, as the official CAFace code computes it), interleaved
+    (mean_1, std_1, mean_2, std_2, …), maps concatenated shallowest first.
+    """
+    stats = []
+    for fmap in maps:
+        if not torch.jit.is_tracing() and fmap.shape[2] * fmap.shape[3] < 2:
+            raise ValueError(f"a {tuple(fmap.shape)} map has one position: its standard deviation is undefined")
+        flat = fmap.flatten(2)  # (B, C, h·w)
+        stats.append(torch.stack([flat.mean(dim=2), flat.std(dim=2)], dim=2))  # (B, C, 2)
+    return torch.cat(stats, dim=1).flatten(1)  # (B, ΣC, 2) -> (B, 2·ΣC)
+
+
+class ExportModule(nn.Module):
+    """Card-preprocessed input -> the backbone's raw embedding (and style statistics).
+
+    The card's x_k = (p_k − mean_k)/std_k (k in the card's channel order) becomes the backbone's
+    y_c = (p_c − 127.5)/127.5 (c in RGB) as y_c = x_k·std_k/127.5 + (mean_k − 127.5)/127.5 with
+    k = c for RGB and k = 2 − c for BGR. With the card's defaults that is the identity and the
+    graph is the bare backbone.
+    """
+
+    def __init__(self, backbone: FaceBackbone, channel_order: str, mean: Sequence[float], std: Sequence[float],
+                 style: bool = False) -> None:
+        super().__init__()
+        self.backbone, self.style = backbone, style
+        self.order = [2, 1, 0] if channel_order == "BGR" else [0, 1, 2]  # card channel read for R, G, B
+        mean_rgb = torch.tensor([float(mean[k]) for k in self.order])
+        std_rgb = torch.tensor([float(std[k]) for k in self.order])
+        self.register_buffer("scale", (std_rgb / BACKBONE_STD).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("shift", ((mean_rgb - BACKBONE_MEAN) / BACKBONE_STD).view(1, 3, 1, 1), persistent=False)
+        self.identity = self.order == [0, 1, 2] and bool((self.scale == 1).all() and (self.shift == 0).all())
+
+    def to_backbone_input(self, x: torch.Tensor) -> torch.Tensor:
+        if self.identity:
+            return x
+        return x[:, self.order] * self.scale + self.shift  # (B, 3, S, S), RGB, (p − 127.5)/127.5
+
+    def forward(self, x: torch.Tensor):
+        y = self.to_backbone_input(x)
+        if not self.style:
+            return self.backbone(y)
+        # backbone(y) recomputes the intermediates; the exporter's common-subexpression pass merges
+        # the two identical chains, so the graph runs the backbone once (a test counts the convs)
+        return self.backbone(y), style_statistics(self.backbone.forward_intermediates(y))
+
+
+def export_graph(module: ExportModule, size: int, path: Path, opset: int = OPSET) -> None:
+    """torch.onnx.export (TorchScript exporter: the dynamo one needs onnxscript) with a dynamic batch axis."""
+    outputs = [EMBEDDING_NAME] + ([STYLE_NAME] if module.style else [])
+    example = torch.zeros(2, 3, size, size)
+    with warnings.catch_warnings(), torch.no_grad():
+        # shape-dependent Python in a backbone (dlib's zero-padded add) is traced as constants: valid
+        # for the card's fixed input size; the batch axis is checked by running parity at other sizes
+        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+        warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"torch\.onnx")
+        warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export")
+        torch.onnx.export(
+            module, (example,), str(path), input_names=[INPUT_NAME], output_names=outputs,
+            dynamic_axes={name: {0: "batch"} for name in [INPUT_NAME, *outputs]},
+            opset_version=opset, dynamo=False, do_constant_folding=True,
+        )
+    onnx.checker.check_model(str(path))
+    fsync_file(path)
+
+
+# ---------------------------------------------------------------- parity
+
+
+def _rowwise_cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    a, b = a.astype(np.float64), b.astype(np.float64)
+    return (a * b).sum(1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-300)
+
+
+def torch_reference(backbone: FaceBackbone, faces: np.ndarray, style: bool = False):
+    """The backbone on aligned uint8 RGB faces (N, S, S, 3), scaled (p − 127.5)/127.5 in float64 then float32."""
+    y = (faces.astype(np.float64) - BACKBONE_MEAN) / BACKBONE_STD
+    y = torch.from_numpy(np.ascontiguousarray(y.transpose(0, 3, 1, 2)).astype(np.float32))  # (N, 3, S, S)
+    with torch.no_grad():
+        embedding = backbone(y).numpy()
+        return (embedding, style_statistics(backbone.forward_intermediates(y)).numpy()) if style else (embedding, None)
+
+
+def check_parity(backbone: FaceBackbone, card: ModelCard, faces: np.ndarray, inputs: str,
+                 intra_op_threads: int = 1) -> Parity:
+    """Compare the card's ONNX (ONNX Runtime, CPU) with the torch backbone on `faces`; ParityError if they differ.
+
+    The ONNX runs on the whole set in one batch and on the first face alone, so a graph that
+    only works at the batch size it was traced with (2) fails here.
+    """
+    engine = OnnxRuntimeEngine(card, providers=["CPUExecutionProvider"], intra_op_threads=intra_op_threads,
+                               max_batch_size=max(len(faces), 1))
+    style = card.outputs.style is not None
+    expected, expected_style = torch_reference(backbone, faces, style)
+    x = preprocess(faces, card)
+    got, got_style = engine.embed_with_style(x) if style else (engine.embed(x), None)
+    alone = engine.embed(x[:1])  # (1, D)
+    norm_expected = np.linalg.norm(expected.astype(np.float64), axis=1)
+    norm_rel = np.abs(np.linalg.norm(got.astype(np.float64), axis=1) - norm_expected) / np.maximum(norm_expected, 1e-12)
+    cosines = np.concatenate([_rowwise_cosine(expected, got), _rowwise_cosine(expected[:1], alone)])
+    parity = Parity(
+        reference=f"torch {torch.__version__} fp32", runtime=f"onnxruntime {ort.__version__} {engine.providers[0]}",
+        inputs=inputs, images=len(faces), min_cosine=float(cosines.min()), max_norm_rel_diff=float(norm_rel.max()),
+        style_min_cosine=float(_rowwise_cosine(expected_style, got_style).min()) if style else None,
+    )
+    worst = min(parity.min_cosine, parity.style_min_cosine if style else 1.0)
+    if worst < PARITY_MIN_COSINE or parity.max_norm_rel_diff > PARITY_MAX_NORM_REL_DIFF:
+        raise ParityError(f"{card.onnx_path.name}: ONNX Runtime vs torch on {parity.images} faces ({inputs}): "
+                          f"min cosine {parity.min_cosine:.6f}, style {parity.style_min_cosine}, max magnitude "
+                          f"difference {parity.max_norm_rel_diff:.2e}; need cosine ≥ {PARITY_MIN_COSINE} and "
+                          f"magnitude within {PARITY_MAX_NORM_REL_DIFF:.0e}")
+    return parity
+
+
+def random_faces(size: int, count: int = PARITY_RANDOM_FACES, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, size=(count, size, size, 3), dtype=np.uint8)
+
+
+# ---------------------------------------------------------------- the card
+
+
+def deep_merge(base: dict, overrides: dict) -> dict:
+    """base updated by overrides, recursively for nested mappings (an override of None sets None)."""
+    merged = dict(base)
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def card_data(loaded: LoadedBackbone, name: str, version: str, style_channels: list[int] | None,
+              overrides: dict, opset: int) -> dict:
+    """The card as a dict, before the ONNX exists: the checkpoint's facts, then the caller's overrides."""
+    if "files" in overrides or "parity" in overrides:
+        raise ValueError("files and parity are written by the export, not overridden")
+    base = {
+        "name": name,
+        "version": str(version),
+        "architecture": loaded.arch,
+        "files": {"onnx": {"path": f"{name}.onnx", "sha256": "0" * 64}},  # filled in once the ONNX exists
+        "input": {"size": loaded.input_size, "template": DEFAULT_TEMPLATE, "channel_order": "RGB",
+                  "mean": [BACKBONE_MEAN] * 3, "std": [BACKBONE_STD] * 3, "layout": "NCHW"},
+        "outputs": {"embedding": EMBEDDING_NAME, "style": STYLE_NAME if style_channels else None,
+                    "style_channels": style_channels},
+        "embedding_size": loaded.embedding_size,
+        "flip_tta": False,
+        "provenance": {"exporter": f"torch {torch.__version__} (TorchScript exporter), opset {opset}, "
+                                   f"onnx {onnx.__version__}",
+                       "source_sha256": sha256_file(loaded.path)},
+    }
+    return deep_merge(deep_merge(base, loaded.card_defaults), overrides)
+
+
+def _style_channels(backbone: FaceBackbone, size: int) -> list[int]:
+    with torch.no_grad():
+        maps = backbone.forward_intermediates(torch.zeros(2, 3, size, size))
+    style_statistics(maps)  # refuses maps with a single position before any export work
+    return [int(m.shape[1]) for m in maps]
+
+
+# ---------------------------------------------------------------- export
+
+
+def export_onnx(
+    backbone_pt: str | Path | LoadedBackbone,
+    out_dir: str | Path,
+    name: str,
+    version: str,
+    card_overrides: dict | None = None,
+    parity_images: Sequence[np.ndarray] | np.ndarray | None = None,
+    opset: int = OPSET,
+    style_outputs: bool = False,
+    command: str | None = None,
+) -> ModelCard:
+    """backbone.pt -> out_dir/{name}.onnx + out_dir/card.yaml, after the parity check; returns the card.
+
+    backbone_pt: a checkpoint path, or what `load_backbone` made of one.
+
+    card_overrides: nested card fields that replace the defaults (licence, training, input.template,
+        quality, calibration, accuracy …); `files` and `parity` are the export's own.
+    parity_images: aligned uint8 RGB faces of the model's input size ((N, S, S, 3) or a list of
+        (S, S, 3)); random pixels when None (a weaker check: say so in the card).
+    style_outputs: add the "style" output (see `style_statistics`).
+    command: the command line recorded as provenance.command.
+    """
+    loaded = backbone_pt if isinstance(backbone_pt, LoadedBackbone) else load_backbone(backbone_pt)
+    size = loaded.input_size
+    style_channels = _style_channels(loaded.model, size) if style_outputs else None
+    data = card_data(loaded, name, version, style_channels, card_overrides or {}, opset)
+    if command:
+        data["provenance"]["command"] = command
+    ModelCard.model_validate(data)  # a bad override fails here, before any file is written
+    faces, inputs = _parity_faces(parity_images, size)
+
+    out_dir = Path(out_dir)
+    created = not out_dir.exists()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    final = out_dir / f"{name}.onnx"
+    tmp = temp_path_beside(final)
+    try:
+        module = ExportModule(loaded.model, data["input"]["channel_order"], data["input"]["mean"],
+                              data["input"]["std"], style=style_outputs).eval()
+        export_graph(module, size, tmp, opset)
+        data["files"]["onnx"] = {"path": tmp.name, "sha256": sha256_file(tmp)}
+        card = ModelCard.model_validate(data).set_root(out_dir)
+        card.parity = check_parity(loaded.model, card, faces, inputs)
+        os.replace(tmp, final)
+    except BaseException:  # cleaning up, then re-raised: nothing of a failed export stays behind
+        tmp.unlink(missing_ok=True)
+        if created:
+            with contextlib.suppress(OSError):  # only an empty folder is removed
+                out_dir.rmdir()
+        raise
+    card.files.onnx.path = final.name
+    card.save(out_dir / CARD_FILENAME)
+    return card
+
+
+def _parity_faces(images, size: int) -> tuple[np.ndarray, str]:
+    if images is None or len(images) == 0:
+        return random_faces(size), "random uint8 pixels (no faces given)"
+    faces = np.stack(list(images)) if not isinstance(images, np.ndarray) else images
+    if faces.dtype != np.uint8 or faces.ndim != 4 or faces.shape[1:] != (size, size, 3):
+        raise ValueError(f"parity faces must be uint8 (N, {size}, {size}, 3) RGB, got {faces.dtype} {faces.shape}")
+    return faces, "real aligned faces"
+
+
+def read_faces(folder: str | Path, size: int, limit: int = 32) -> np.ndarray:
+    """Up to `limit` images of a folder (sorted by name) as RGB uint8, resized to size×size if they are not.
+
+    Parity needs realistic pixel statistics, not exact alignment, so a resize is harmless here.
+    """
+    paths = sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)[:limit]
+    if not paths:
+        raise FileNotFoundError(f"no images in {folder}")
+    faces = []
+    for path in paths:
+        bgr = cv2.imread(str(path), cv2.IMREAD_COLOR)
+        if bgr is None:
+            raise ValueError(f"cannot read image {path}")
+        if bgr.shape[:2] != (size, size):
+            bgr = cv2.resize(bgr, (size, size), interpolation=cv2.INTER_AREA)
+        faces.append(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB))
+    return np.stack(faces)  # (N, S, S, 3)
+
+
+# ---------------------------------------------------------------- CLI
+
+
+def _overrides_from_args(args: argparse.Namespace) -> dict:
+    import yaml
+
+    overrides = yaml.safe_load(args.card.read_text()) if args.card else {}
+    if args.template:
+        overrides = deep_merge(overrides, {"input": {"template": args.template}})
+    if args.licence:
+        overrides["licence"] = args.licence
+    if args.data_licence:
+        overrides = deep_merge(overrides, {"training": {"licence": args.data_licence}})
+    return overrides
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("backbone_pt", type=Path, help="backbone.pt (Trainer.export_final) or a converted dlib checkpoint")
+    parser.add_argument("--out", type=Path, required=True, help="folder for NAME.onnx and card.yaml")
+    parser.add_argument("--name", required=True)
+    parser.add_argument("--version", required=True)
+    parser.add_argument("--template", help="5-point template the model's faces are aligned with "
+                        f"(default: dlib_150 for a dlib checkpoint, else {DEFAULT_TEMPLATE})")
+    parser.add_argument("--parity-dir", type=Path, help="aligned face images for the parity check (default: random pixels)")
+    parser.add_argument("--card", type=Path, help="YAML of card fields to set (calibration, accuracy, training …)")
+    parser.add_argument("--licence", help="terms of the weights (card field licence)")
+    parser.add_argument("--data-licence", help="terms of the training data (card field training.licence)")
+    parser.add_argument("--style", action="store_true", help="add the CAFace style output")
+    parser.add_argument("--opset", type=int, default=OPSET)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (the export is not worth more)")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    loaded = load_backbone(args.backbone_pt)
+    faces = read_faces(args.parity_dir, loaded.input_size) if args.parity_dir else None
+    command = "python -m training.export " + shlex.join(sys.argv[1:] if argv is None else list(argv))
+    card = export_onnx(loaded, args.out, args.name, args.version, _overrides_from_args(args), faces,
+                       args.opset, args.style, command)
+    print(f"wrote {card.onnx_path} and {args.out / CARD_FILENAME}: parity min cosine {card.parity.min_cosine:.6f} "
+          f"on {card.parity.images} faces ({card.parity.inputs})")
+
+
+if __name__ == "__main__":
+    main()
