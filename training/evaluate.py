@@ -84,8 +84,9 @@ def load_backbone(spec: str, device: torch.device) -> tuple[nn.Module, int]:
         return model.to(device).eval(), getattr(model, "input_size", 112)
     art = torch.load(spec, map_location="cpu", weights_only=False)
     model = build_backbone(art["arch"], embedding_size=art["embedding_size"], **art.get("kwargs", {}))
-    model.load_state_dict(art["backbone"])
-    return model.to(device).eval(), art.get("input_size", 112)
+    model.load_state_dict(art["backbone"] if "backbone" in art else art["state_dict"])  # ours, or a converter's
+    size = art.get("input_size", getattr(model, "input_size", 112))
+    return model.to(device).eval(), int(size[0] if isinstance(size, (list, tuple)) else size)
 
 
 @torch.no_grad()
