@@ -31,7 +31,7 @@ def train(
 @app.command("eval")
 def eval_(
     model: Annotated[str, typer.Argument(help="a backbone.pt written by training, or untrained:<arch>[:<dim>]")],
-    pairs: Annotated[str, typer.Option(help="LFW-style pairs file (relative to FACESET_DATA_DIR unless absolute)")] = "lfw-dev/pairs.txt",
+    pairs: Annotated[str, typer.Option(help="LFW-style pairs file, or an insightface .bin verification set (relative to FACESET_DATA_DIR unless absolute)")] = "lfw-dev/pairs.txt",
     images: Annotated[str, typer.Option(help="folder of the pairs' images (relative to FACESET_DATA_DIR unless absolute)")] = "lfw-dev/images",
     crop: Annotated[Optional[str], typer.Option(help="fixed relative crop l,t,r,b applied before resizing (pre-aligned photos)")] = None,
     out: Annotated[Optional[str], typer.Option(help="folder for eval.json, roc.png and erc.png")] = None,

@@ -49,6 +49,25 @@ def embed_pairs(model: nn.Module, pairs_file: Path, images_dir: Path, preprocess
     return PairEmbeddings(a, b, np.array([p.issame for p in pairs]))
 
 
+@torch.no_grad()
+def embed_bin(model: nn.Module, bin_path: Path, device: torch.device, size: int = 112, flip: bool = False, batch_size: int = 64) -> PairEmbeddings:
+    """Both sides of every pair of an insightface `.bin` verification set (lfw.bin, cfp_fp.bin, agedb_30.bin, ...)."""
+    from training.data.transforms import to_tensor
+    from training.data.verification import load_verification_bin
+
+    vs = load_verification_bin(bin_path, size=size)
+    model.eval()
+    out = []
+    for i in range(0, len(vs.images), batch_size):
+        x = torch.stack([to_tensor(img) for img in vs.images[i : i + batch_size]]).to(device)  # (B, 3, H, W)
+        e = model(x).float()
+        if flip:
+            e = e + model(torch.flip(x, dims=[3])).float()
+        out.append(e.cpu().numpy())
+    emb = np.concatenate(out, 0)  # (2P, D): pairs are consecutive rows
+    return PairEmbeddings(emb[0::2], emb[1::2], np.asarray(vs.issame, dtype=bool))
+
+
 def pair_summary(pe: PairEmbeddings, n_folds: int = 10) -> dict:
     s = evaluate_pairs(pe.a, pe.b, pe.issame, n_folds=n_folds).summary()
     return {"accuracy": s["accuracy_mean"], "accuracy_std": s["accuracy_std"], "best_threshold": s["best_threshold"], "pairs": int(pe.issame.size)}
@@ -121,14 +140,15 @@ def evaluate_checkpoint(spec: str, pairs: Path, images: Path, crop: tuple | None
 
     model, size = load_backbone(spec, device)
     preprocess = Preprocess(size=size, crop=crop)
-    pe = embed_pairs(model, pairs, images, preprocess, device, flip=flip)
+    is_bin = pairs.suffix == ".bin"  # an insightface verification set holds its own images
+    pe = embed_bin(model, pairs, device, size, flip) if is_bin else embed_pairs(model, pairs, images, preprocess, device, flip=flip)
     result: dict = {"model": spec, **pair_summary(pe)}
     s = evaluate_pairs(pe.a, pe.b, pe.issame).summary()
     result["tar_at_far"] = s["tar_at_far"]
     for fmr in (1e-3, 1e-2):
         erc = erc_from_embeddings(pe.a, pe.b, pe.issame, fmr=fmr)
         result[f"erc_fmr_{fmr:g}"] = {"reject": erc.reject.tolist(), "fnmr": erc.fnmr.tolist(), "auc": erc.auc}
-    if degradations:
+    if degradations and not is_bin:
         unique = sorted({p for p in read_pairs(pairs, images) for p in (p.path_a, p.path_b)})
         sample = unique[:: max(1, len(unique) // DEGRADATION_SAMPLE)][:DEGRADATION_SAMPLE]
         result["magnitude_by_degradation"] = magnitude_by_degradation(model, sample, preprocess, device, DEFAULT_DEGRADATIONS)

@@ -45,3 +45,32 @@ def test_magnitude_by_degradation_reports_every_level(tmp_path):
     out = magnitude_by_degradation(model, paths, Preprocess(size), torch.device("cpu"), {"blur": (0, 2)})
     (s0, m0), (s1, m1) = out["blur"]
     assert (s0, s1) == (0.0, 2.0) and m0 > 0 and m1 > 0 and m0 != m1
+
+
+def test_bin_verification_set(tmp_path):
+    """An insightface .bin (pickle of encoded images + issame) with identical same-pairs verifies perfectly."""
+    import io
+    import pickle
+
+    from training.evaluate import embed_bin
+
+    rng = np.random.default_rng(2)
+    bins, issame = [], []
+    for i in range(8):
+        buf = io.BytesIO()
+        Image.fromarray(rng.integers(0, 256, (112, 112, 3), dtype=np.uint8)).save(buf, format="PNG")
+        a = buf.getvalue()
+        if i % 2 == 0:
+            bins += [a, a]
+            issame.append(True)
+        else:
+            buf2 = io.BytesIO()
+            Image.fromarray(rng.integers(0, 256, (112, 112, 3), dtype=np.uint8)).save(buf2, format="PNG")
+            bins += [a, buf2.getvalue()]
+            issame.append(False)
+    path = tmp_path / "tiny.bin"
+    path.write_bytes(pickle.dumps((bins, issame), protocol=2))
+    model, _ = load_backbone("untrained:mobilefacenet:64", torch.device("cpu"))
+    pe = embed_bin(model, path, torch.device("cpu"))
+    assert pe.a.shape == (8, 64) and pe.issame.tolist() == issame
+    assert pair_summary(pe, n_folds=2)["accuracy"] == 1.0
