@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import inspect
+import json
 import os
 import shlex
 import sys
@@ -53,7 +54,6 @@ from engines.model_card import (
     temp_path_beside,
 )
 from engines.onnx_runtime import OnnxRuntimeEngine
-from engines.registry import Registry
 from training.models import build_backbone
 from training.models.layers import FaceBackbone
 
@@ -93,19 +93,32 @@ class CheckpointFormat:
     card_defaults: Callable[[dict, Path], dict]
 
 
-CHECKPOINT_FORMATS: Registry[CheckpointFormat] = Registry("backbone checkpoint format")
-
 
 def _trainer_kwargs(ck: dict) -> dict:
     # a factory's `weights` would load starting weights the state dict is about to replace
     return {k: v for k, v in (ck.get("kwargs") or {}).items() if k != "weights"}
 
 
+def training_template(config: dict) -> str | None:
+    """The template the training crops were aligned with: align_tool's _align.json in the data folder, if found."""
+    from training.data.align_tool import SETTINGS_NAME
+    from training.settings import get_settings
+
+    data = (config or {}).get("data") or {}
+    if not data.get("root"):
+        return None
+    folder = Path(data["root"])
+    if not folder.is_absolute():
+        folder = get_settings().base_dir(data.get("base", "data")) / folder
+    settings = folder / SETTINGS_NAME
+    return json.loads(settings.read_text()).get("template") if settings.is_file() else None
+
+
 def _trainer_card(ck: dict, path: Path) -> dict:
     config = ck.get("config") or {}
     run = f" of training run {config['name']!r}" if config.get("name") else ""
     step = f" at step {ck['step']}" if "step" in ck else ""
-    card: dict = {"input": {"template": DEFAULT_TEMPLATE},
+    card: dict = {"input": {"template": training_template(config) or DEFAULT_TEMPLATE},
                   "provenance": {"source": f"{path.name}: faceset backbone{run}{step}"}}
     magnitude = magnitude_from_config(config)
     if magnitude:
@@ -115,7 +128,8 @@ def _trainer_card(ck: dict, path: Path) -> dict:
     if config:
         data, model = config.get("data", {}), config.get("model", {})
         card["training"] = {
-            "data": f"{data.get('root')} ({data.get('kind')} dataset, {data.get('size')} px)",
+            "data": f"{data.get('root')} ({data.get('kind')} dataset under {data.get('base', 'data')}, "
+                    f"{data.get('size')} px)",
             "recipe": f"faceset train {config.get('name')}",
             "notes": f"starting weights: {model['init']}" if model.get("init") else None,
         }
@@ -124,19 +138,24 @@ def _trainer_card(ck: dict, path: Path) -> dict:
 
 def _dlib_card(ck: dict, path: Path) -> dict:
     source = ck.get("source") or {}
-    return {
+    card = {
         "input": {"template": "dlib_150"},
-        "licence": source.get("license", "unknown"),
         "provenance": {
             "source": f"{source.get('file', '?')} from {source.get('package', '?')}, by {source.get('author', '?')}; "
                       f"converted to {path.name} by training.convert.dlib_resnet",
             "notes": f"sha256 of the .dat: {source.get('sha256', '?')}; dlib aligns with {ck.get('alignment', '?')}",
         },
     }
+    if "license" in source:  # otherwise the caller must state it: the card refuses to go without a licence
+        card["licence"] = source["license"]
+    return card
 
 
-CHECKPOINT_FORMATS.register("faceset_backbone")(CheckpointFormat("backbone", _trainer_kwargs, _trainer_card))
-CHECKPOINT_FORMATS.register("dlib_converted")(CheckpointFormat("state_dict", lambda ck: {}, _dlib_card))
+# name -> layout; a checkpoint is read by the one whose state_key it has
+CHECKPOINT_FORMATS: dict[str, CheckpointFormat] = {
+    "faceset_backbone": CheckpointFormat("backbone", _trainer_kwargs, _trainer_card),
+    "dlib_converted": CheckpointFormat("state_dict", lambda ck: {}, _dlib_card),
+}
 
 
 def magnitude_from_config(config: dict) -> dict | None:
@@ -164,10 +183,9 @@ def load_backbone(path: str | Path) -> LoadedBackbone:
     """The backbone of a faceset backbone.pt or a converted dlib checkpoint, in eval mode."""
     path = Path(path)
     ck = torch.load(path, map_location="cpu", weights_only=True)
-    formats = [CHECKPOINT_FORMATS.get(n) for n in CHECKPOINT_FORMATS.names()]
-    fmt = next((f for f in formats if f.state_key in ck), None)
+    fmt = next((f for f in CHECKPOINT_FORMATS.values() if f.state_key in ck), None)
     if fmt is None:
-        keys = ", ".join(f.state_key for f in formats)
+        keys = " or ".join(f.state_key for f in CHECKPOINT_FORMATS.values())
         raise ValueError(f"{path}: not a backbone checkpoint (no {keys} key; found {sorted(ck)})")
     model = build_backbone(ck["arch"], embedding_size=ck["embedding_size"], **fmt.build_kwargs(ck))
     model.load_state_dict(ck[fmt.state_key], strict=True)
@@ -262,7 +280,8 @@ def torch_reference(backbone: FaceBackbone, faces: np.ndarray, style: bool = Fal
     y = torch.from_numpy(np.ascontiguousarray(y.transpose(0, 3, 1, 2)).astype(np.float32))  # (N, 3, S, S)
     with torch.no_grad():
         embedding = backbone(y).numpy()
-        return (embedding, style_statistics(backbone.forward_intermediates(y)).numpy()) if style else (embedding, None)
+        style_stats = style_statistics(backbone.forward_intermediates(y)).numpy() if style else None
+    return embedding, style_stats
 
 
 def check_parity(backbone: FaceBackbone, card: ModelCard, faces: np.ndarray, inputs: str,
@@ -288,7 +307,8 @@ def check_parity(backbone: FaceBackbone, card: ModelCard, faces: np.ndarray, inp
         style_min_cosine=float(_rowwise_cosine(expected_style, got_style).min()) if style else None,
     )
     worst = min(parity.min_cosine, parity.style_min_cosine if style else 1.0)
-    if worst < PARITY_MIN_COSINE or parity.max_norm_rel_diff > PARITY_MAX_NORM_REL_DIFF:
+    # written so that NaN (a graph producing garbage) fails: every comparison with NaN is False
+    if not (worst >= PARITY_MIN_COSINE and parity.max_norm_rel_diff <= PARITY_MAX_NORM_REL_DIFF):
         raise ParityError(f"{card.onnx_path.name}: ONNX Runtime vs torch on {parity.images} faces ({inputs}): "
                           f"min cosine {parity.min_cosine:.6f}, style {parity.style_min_cosine}, max magnitude "
                           f"difference {parity.max_norm_rel_diff:.2e}; need cosine ≥ {PARITY_MIN_COSINE} and "
@@ -448,13 +468,16 @@ def _overrides_from_args(args: argparse.Namespace) -> dict:
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("backbone_pt", type=Path, help="backbone.pt (Trainer.export_final) or a converted dlib checkpoint")
+    parser.add_argument("backbone_pt", type=Path,
+                        help="backbone.pt (Trainer.export_final) or a converted dlib checkpoint")
     parser.add_argument("--out", type=Path, required=True, help="folder for NAME.onnx and card.yaml")
     parser.add_argument("--name", required=True)
     parser.add_argument("--version", required=True)
-    parser.add_argument("--template", help="5-point template the model's faces are aligned with "
-                        f"(default: dlib_150 for a dlib checkpoint, else {DEFAULT_TEMPLATE})")
-    parser.add_argument("--parity-dir", type=Path, help="aligned face images for the parity check (default: random pixels)")
+    parser.add_argument("--template", help="5-point template the model's faces are aligned with (default: the "
+                        "training crops' (align_tool's _align.json), dlib_150 for a converted dlib checkpoint, "
+                        f"else {DEFAULT_TEMPLATE})")
+    parser.add_argument("--parity-dir", type=Path,
+                        help="aligned face images for the parity check (default: random pixels)")
     parser.add_argument("--card", type=Path, help="YAML of card fields to set (calibration, accuracy, training …)")
     parser.add_argument("--licence", help="terms of the weights (card field licence)")
     parser.add_argument("--data-licence", help="terms of the training data (card field training.licence)")

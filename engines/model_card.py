@@ -1,0 +1,330 @@
+"""The recognition model card: everything an engine needs to run a model, beside its ONNX file.
+
+A card is a YAML file (``card.yaml``) next to the model; `training.export` writes it and engines
+read it. It is validated into the pydantic models below, and unknown keys are refused: a misspelt
+key must fail loudly rather than silently leave a default in force. Paths in the card are
+relative to the card's folder, so a model folder can be moved or shipped as a whole. Loading
+checks every file's sha256 (`ModelCard.verify_files`), so a swapped or truncated ONNX fails at
+start-up, not as wrong embeddings later.
+
+Nothing here imports torch: the service reads cards.
+
+Conventions the fields rely on:
+  input       aligned uint8 RGB faces of side `input.size`, made with the 5-point template named
+              `input.template` (engines.templates); the model sees x = (p − mean)/std per channel,
+              channels in `input.channel_order`, layout NCHW (`engines.base.preprocess`).
+  embedding   the raw network output f (not normalised): ‖f‖ is the magnitude, f/‖f‖ is compared
+              by cosine. With `flip_tta`, f = f(image) + f(mirrored image).
+  quality     "magface_linear": q = clip((‖f‖ − low)/(high − low), 0, 1).
+  calibration cosine thresholds of f/‖f‖ at given false accept rates (FAR), measured on data not
+              used for training.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
+
+CARD_FILENAME = "card.yaml"
+SHA256_PATTERN = r"^[0-9a-f]{64}$"
+
+
+class ModelCardError(ValueError):
+    """A card that cannot be used: a file missing or altered, or a question it cannot answer."""
+
+
+class _Strict(BaseModel):
+    # extra="forbid": unknown keys are refused with their path in the error
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class FileEntry(_Strict):
+    path: str = Field(description="Path of the file, relative to the card's folder.")
+    sha256: str = Field(pattern=SHA256_PATTERN, description="Hex sha256 of the file's bytes, checked on load.")
+
+    @field_validator("path")
+    @classmethod
+    def _relative(cls, value: str) -> str:
+        if not value or Path(value).is_absolute():
+            raise ValueError(f"file paths are relative to the card's folder, got {value!r}")
+        return value
+
+
+class Files(_Strict):
+    onnx: FileEntry = Field(description="The ONNX graph: input (N, 3, size, size) float32, dynamic N.")
+
+
+class InputSpec(_Strict):
+    size: int = Field(gt=0, description="Side of the square aligned face, in pixels.")
+    template: str = Field(min_length=1, description="Name of the 5-point alignment template (engines.templates), "
+                          "e.g. 'arcface_112' or 'dlib_150'; it is scaled to `size`.")
+    channel_order: Literal["RGB", "BGR"] = Field("RGB", description="Channel order the network reads.")
+    mean: list[float] = Field(min_length=3, max_length=3, description="Per-channel mean subtracted from pixels "
+                              "0..255, in `channel_order`.")
+    std: list[float] = Field(min_length=3, max_length=3, description="Per-channel divisor, in `channel_order`: "
+                             "x = (p − mean)/std.")
+    layout: Literal["NCHW"] = Field("NCHW", description="Tensor layout of the network input.")
+
+    @field_validator("std")
+    @classmethod
+    def _positive(cls, value: list[float]) -> list[float]:
+        if not all(s > 0 for s in value):
+            raise ValueError(f"std must be positive, got {value}")
+        return value
+
+
+class Outputs(_Strict):
+    embedding: str = Field("embedding", description="Name of the ONNX output holding the raw embedding (N, D).")
+    style: str | None = Field(None, description="Name of the optional ONNX output holding per-channel (mean, std) "
+                              "of the intermediate feature maps (N, 2·Σ C_i), for CAFace; null when absent.")
+    style_channels: list[int] | None = Field(None, description="C_i of each intermediate map in `style`, shallowest "
+                                             "first; style[:, 2k] is channel k's mean and style[:, 2k + 1] its std.")
+
+    @model_validator(mode="after")
+    def _style_together(self) -> Outputs:
+        if (self.style is None) != (self.style_channels is None):
+            raise ValueError("outputs.style and outputs.style_channels go together (both set or both null)")
+        return self
+
+
+class Magnitude(_Strict):
+    l_a: float = Field(gt=0, description="MagFace's lower magnitude bound used in training.")
+    u_a: float = Field(gt=0, description="MagFace's upper magnitude bound used in training.")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Magnitude:
+        if not self.l_a < self.u_a:
+            raise ValueError(f"need l_a < u_a, got {self.l_a}, {self.u_a}")
+        return self
+
+
+class Quality(_Strict):
+    method: Literal["magface_linear"] = Field("magface_linear", description="q = clip((‖f‖ − low)/(high − low), 0, 1).")
+    low: float = Field(description="Magnitude that maps to quality 0.")
+    high: float = Field(description="Magnitude that maps to quality 1.")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Quality:
+        if not self.low < self.high:
+            raise ValueError(f"need quality.low < quality.high, got {self.low}, {self.high}")
+        return self
+
+
+class Calibration(_Strict):
+    thresholds: dict[float, float] = Field(min_length=1, description="FAR -> cosine threshold; a pair matches when "
+                                           "cos ≥ threshold. Usually FAR 1e-2, 1e-3 and 1e-4.")
+    dataset: str = Field(description="Where it was measured (data not used for training).")
+    positive_pairs: int = Field(ge=0, description="Genuine pairs measured.")
+    negative_pairs: int = Field(gt=0, description="Impostor pairs measured; a FAR below 1/negative_pairs cannot be.")
+    method: str = Field(description="How: pipeline and the rule that picks each threshold.")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Calibration:
+        for far, threshold in self.thresholds.items():
+            if not 0 < far < 1:
+                raise ValueError(f"calibration FAR must be in (0, 1), got {far}")
+            if not -1 <= threshold <= 1:
+                raise ValueError(f"a cosine threshold lies in [-1, 1], got {threshold} at FAR {far}")
+            if far * self.negative_pairs < 1:
+                raise ValueError(f"FAR {far} cannot be measured on {self.negative_pairs} impostor pairs "
+                                 f"(needs at least {math.ceil(1 / far)})")
+        # a stricter FAR can never need a lower threshold
+        ordered = sorted(self.thresholds.items())
+        for (far_a, t_a), (far_b, t_b) in zip(ordered, ordered[1:]):
+            if t_a < t_b:
+                raise ValueError(f"threshold at FAR {far_a} ({t_a}) is below the one at the looser FAR {far_b} ({t_b})")
+        return self
+
+
+class TrainingInfo(_Strict):
+    data: str = Field(description="Training data (datasets and subsets).")
+    licence: str = Field(description="Terms of the training data (e.g. CelebA: non-commercial research only).")
+    recipe: str = Field(description="The command that reproduces the training.")
+    notes: str | None = Field(None, description="Anything else a user must know (starting weights, deviations).")
+
+
+class Accuracy(_Strict):
+    benchmark: str = Field(description="e.g. 'LFW dev fold (600 pairs)'.")
+    value: float = Field(description="The figure, in the protocol's unit (accuracy in %, TAR …).")
+    std: float | None = Field(None, description="Standard deviation over folds, when the protocol has folds.")
+    protocol: str = Field(description="How it was measured (pipeline, folds, threshold rule).")
+
+
+class Parity(_Strict):
+    reference: str = Field(description="What the ONNX was compared with, e.g. 'torch 2.13.0 fp32'.")
+    runtime: str = Field(description="The runtime that ran the ONNX.")
+    inputs: str = Field(description="Which faces were used.")
+    images: int = Field(gt=0, description="How many.")
+    min_cosine: float = Field(description="Smallest cosine between the two embeddings of a face.")
+    max_norm_rel_diff: float = Field(description="Largest |‖a‖ − ‖b‖|/‖a‖: magnitudes are the quality.")
+    style_min_cosine: float | None = Field(None, description="Smallest cosine between the style outputs, if any.")
+
+
+class Provenance(_Strict):
+    source: str = Field(description="Where the weights come from (checkpoint, upstream model, author).")
+    source_sha256: str | None = Field(None, pattern=SHA256_PATTERN, description="sha256 of the source file.")
+    exporter: str | None = Field(None, description="Tool and versions that wrote the ONNX.")
+    command: str | None = Field(None, description="The command that produced this folder.")
+    notes: str | None = Field(None, description="Lineage, conversions, anything else.")
+
+
+class ModelCard(_Strict):
+    card_version: Literal[1] = Field(1, description="Format version of this card.")
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="Model name (reported by the service).")
+    version: str = Field(min_length=1, description="Model version (reported by the service).")
+    architecture: str = Field(description="Backbone, e.g. 'iresnet50' or 'dlib_resnet34'.")
+    files: Files
+    input: InputSpec
+    outputs: Outputs = Field(default_factory=Outputs)
+    embedding_size: int = Field(gt=0, description="D, the embedding's length.")
+    flip_tta: bool = Field(False, description="Add the mirrored face's embedding (engines.base.embed_aligned). "
+                           "Magnitudes, quality and thresholds must have been measured the same way.")
+    magnitude: Magnitude | None = Field(None, description="MagFace training range; null for non-MagFace models.")
+    quality: Quality | None = Field(None, description="Magnitude -> quality mapping; null when the model has none.")
+    calibration: Calibration | None = Field(None, description="Verification thresholds; null until measured.")
+    training: TrainingInfo | None = Field(None, description="How the weights were trained; null for imported models.")
+    accuracy: list[Accuracy] = Field(default_factory=list, description="Measured accuracy.")
+    parity: Parity | None = Field(None, description="The export's check of the ONNX against the training framework.")
+    licence: str = Field(description="Terms under which the weights may be used and redistributed.")
+    provenance: Provenance
+
+    _root: Path | None = PrivateAttr(None)
+
+    @field_validator("version", mode="before")
+    @classmethod
+    def _version_text(cls, value):
+        # `version: 1` in hand-written YAML is an int; the service reports it as text either way
+        return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
+
+    # ---- files ---------------------------------------------------------------------------
+    @property
+    def root(self) -> Path:
+        """The folder the card's paths are relative to."""
+        if self._root is None:
+            raise ModelCardError(f"card {self.name!r} is not attached to a folder: load it, save it or set_root()")
+        return self._root
+
+    def set_root(self, folder: str | Path) -> ModelCard:
+        self._root = Path(folder)
+        return self
+
+    @property
+    def onnx_path(self) -> Path:
+        return self.root / self.files.onnx.path
+
+    def verify_files(self) -> None:
+        """Check every listed file exists and has its sha256; ModelCardError names the first that does not."""
+        for key, entry in self.files:
+            path = self.root / entry.path
+            if not path.is_file():
+                raise ModelCardError(f"{path}: listed in the card as files.{key}, not found")
+            found = sha256_file(path)
+            if found != entry.sha256:
+                raise ModelCardError(f"{path}: sha256 {found} does not match the card's {entry.sha256} (files.{key})")
+
+    # ---- YAML ----------------------------------------------------------------------------
+    @classmethod
+    def load(cls, path: str | Path, verify: bool = True) -> ModelCard:
+        """Read and validate a card (a card.yaml, or the folder holding one); check its files unless verify=False."""
+        path = Path(path)
+        if path.is_dir():
+            path = path / CARD_FILENAME
+        data = yaml.safe_load(path.read_text())
+        if not isinstance(data, dict):
+            raise ModelCardError(f"{path}: a model card is a YAML mapping")
+        card = cls.model_validate(data).set_root(path.parent)
+        if verify:
+            card.verify_files()
+        return card
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="python"), sort_keys=False, width=120, allow_unicode=True)
+
+    def save(self, path: str | Path) -> Path:
+        """Write the card atomically (temp file, fsync, os.replace); its paths become relative to path's folder."""
+        path = Path(path)
+        if path.is_dir():
+            path = path / CARD_FILENAME
+        atomic_write_bytes(path, self.to_yaml().encode())
+        self.set_root(path.parent)
+        return path
+
+
+# ---- helpers the service uses ------------------------------------------------------------
+
+
+def quality_from_magnitude(card: ModelCard, norms) -> np.ndarray:
+    """Quality in [0, 1] from raw embedding norms: clip((‖f‖ − low)/(high − low), 0, 1)."""
+    if card.quality is None:
+        raise ModelCardError(f"model {card.name!r} has no quality mapping in its card")
+    norms = np.asarray(norms, dtype=np.float64)
+    q = card.quality
+    return np.clip((norms - q.low) / (q.high - q.low), 0.0, 1.0)
+
+
+def resolve_far(card: ModelCard, far: float) -> float:
+    """The calibrated FAR used for a requested one: itself if calibrated, else the nearest stricter (smaller) one."""
+    if not 0 < far < 1:
+        raise ModelCardError(f"FAR must be in (0, 1), got {far}")
+    if card.calibration is None:
+        raise ModelCardError(f"model {card.name!r} has no calibration in its card")
+    calibrated = sorted(card.calibration.thresholds)
+    for known in calibrated:
+        if math.isclose(known, far, rel_tol=1e-9):
+            return known
+    stricter = [known for known in calibrated if known < far]
+    if not stricter:
+        raise ModelCardError(f"no calibrated threshold at FAR {far} or stricter for model {card.name!r}; "
+                             f"calibrated FARs: {', '.join(f'{f:g}' for f in calibrated)}")
+    return stricter[-1]
+
+
+def threshold_at(card: ModelCard, far: float) -> float:
+    """Cosine threshold for FAR `far` (the nearest stricter calibrated FAR when `far` itself is not calibrated)."""
+    used = resolve_far(card, far)  # first: it raises the clear error when there is no calibration
+    return card.calibration.thresholds[used]
+
+
+# ---- files -------------------------------------------------------------------------------
+
+
+def sha256_file(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def temp_path_beside(path: str | Path) -> Path:
+    """An empty, world-readable temp file in path's folder (same file system, so os.replace is atomic)."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    os.chmod(tmp, 0o644)  # mkstemp makes it private; model files are shipped, world-readable artifacts
+    return Path(tmp)
+
+
+def fsync_file(path: str | Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write to a temp file beside `path`, fsync, then os.replace: readers see the old or the new file, never half."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_path_beside(path)
+    try:
+        tmp.write_bytes(data)
+        fsync_file(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)

@@ -1,0 +1,127 @@
+"""The ONNX Runtime engine: a model card's ONNX, on CUDA where present, else on the CPU.
+
+    engine = OnnxRuntimeEngine("models/recognition")          # a card.yaml or its folder
+    raw = embed_aligned(engine, engine.card, faces_uint8)      # (N, D); norms are the magnitudes
+
+At load the graph's signature is checked against the card (one float input (N, 3, S, S) with
+S = input.size, the card's outputs present, embedding of length D), so a mismatched card fails
+at start-up. Batches larger than max_batch_size run in chunks; one session serves concurrent
+callers (InferenceSession.run is thread-safe). Nothing here imports torch.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import onnxruntime as ort
+
+from engines.base import ENGINES, ChunkedEngine, embed_aligned, preprocess
+from engines.model_card import ModelCard, ModelCardError
+
+__all__ = ["OnnxRuntimeEngine", "default_providers", "embed_aligned", "preprocess"]
+
+CUDA, CPU = "CUDAExecutionProvider", "CPUExecutionProvider"
+
+
+def default_providers() -> list[str]:
+    """CUDA then CPU where this onnxruntime build has CUDA, else the CPU alone."""
+    return [CUDA, CPU] if CUDA in ort.get_available_providers() else [CPU]
+
+
+@ENGINES.register("onnxruntime")
+class OnnxRuntimeEngine(ChunkedEngine):
+    """One InferenceSession over the card's ONNX.
+
+    card: a ModelCard (attached to its folder), a card.yaml, or the folder holding one.
+    providers: ONNX Runtime execution providers in priority order (default: `default_providers`).
+    intra_op_threads: threads per inference; 0 lets ONNX Runtime use every core, 1 suits a server
+        running several engines or requests side by side.
+    max_batch_size: the most faces per inference: larger amortises overhead, costs memory and the
+        latency of the whole batch. Capped at the graph's batch size when that is fixed.
+    verify: check the card's sha256 of the ONNX before loading it.
+    """
+
+    runtime = "onnxruntime"
+
+    def __init__(
+        self,
+        card: ModelCard | str | Path,
+        providers: Sequence[str] | None = None,
+        intra_op_threads: int = 0,
+        max_batch_size: int = 64,
+        verify: bool = True,
+    ) -> None:
+        if max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be at least 1, got {max_batch_size}")
+        if isinstance(card, ModelCard):
+            if verify:
+                card.verify_files()
+        else:
+            card = ModelCard.load(card, verify=verify)
+        self.card = card
+        self.name = f"{self.runtime}:{card.name}:{card.version}"
+        self.input_size = card.input.size
+        self.embedding_size = card.embedding_size
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = intra_op_threads
+        self.session = ort.InferenceSession(str(card.onnx_path), options,
+                                            providers=list(providers or default_providers()))
+        self.input_name, fixed_batch = self._check_signature()
+        # a graph exported with a fixed batch takes exactly that many: chunks are padded up to it
+        self.fixed_batch = fixed_batch
+        self.max_batch_size = min(max_batch_size, fixed_batch) if fixed_batch else max_batch_size
+        self.output_names = [card.outputs.embedding] + ([card.outputs.style] if card.outputs.style else [])
+
+    @property
+    def providers(self) -> list[str]:
+        """The providers the session actually runs on (a missing CUDA library falls back to the CPU)."""
+        return self.session.get_providers()
+
+    def _check_signature(self) -> tuple[str, int | None]:
+        """The input's name and its fixed batch size (None when dynamic); ModelCardError on any mismatch."""
+        inputs = self.session.get_inputs()
+        where = f"{self.card.onnx_path}"
+        if len(inputs) != 1:
+            raise ModelCardError(f"{where}: expected one input, found {[i.name for i in inputs]}")
+        (graph_input,) = inputs
+        if graph_input.type != "tensor(float)":
+            raise ModelCardError(f"{where}: input {graph_input.name!r} is {graph_input.type}, expected tensor(float)")
+        shape, s = list(graph_input.shape), self.input_size
+        if len(shape) != 4 or shape[1:] != [3, s, s]:
+            raise ModelCardError(f"{where}: input shape {shape} does not match the card's (N, 3, {s}, {s})")
+        outputs = {o.name: o for o in self.session.get_outputs()}
+        for wanted in filter(None, (self.card.outputs.embedding, self.card.outputs.style)):
+            if wanted not in outputs:
+                raise ModelCardError(f"{where}: the card names output {wanted!r}; the graph has {sorted(outputs)}")
+        width = outputs[self.card.outputs.embedding].shape[-1]
+        if isinstance(width, int) and width != self.embedding_size:
+            raise ModelCardError(f"{where}: embedding width {width} != the card's embedding_size {self.embedding_size}")
+        return graph_input.name, shape[0] if isinstance(shape[0], int) else None
+
+    def _run(self, chunk: np.ndarray, names: list[str]) -> list[np.ndarray]:
+        n = len(chunk)
+        if self.fixed_batch and n < self.fixed_batch:
+            pad = np.zeros((self.fixed_batch - n, *chunk.shape[1:]), dtype=np.float32)
+            chunk = np.concatenate([chunk, pad])
+        outs = self.session.run(names, {self.input_name: chunk})
+        return [np.asarray(o[:n], dtype=np.float32) for o in outs]
+
+    def _infer(self, chunk: np.ndarray) -> np.ndarray:
+        (embedding,) = self._run(chunk, [self.card.outputs.embedding])
+        if embedding.shape != (len(chunk), self.embedding_size):
+            raise RuntimeError(f"{self.name}: the graph returned {embedding.shape}, "
+                                   f"expected ({len(chunk)}, {self.embedding_size})")
+        return embedding
+
+    def embed_with_style(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Raw embeddings (N, D) and style statistics (N, 2·Σ C_i) in one pass (cards with a style output)."""
+        if self.card.outputs.style is None:
+            raise ModelCardError(f"model {self.card.name!r} has no style output (export it with style_outputs=True)")
+        batch = self.check_batch(batch)
+        parts = [self._run(chunk, self.output_names) for chunk in self.chunks(batch)]
+        if not parts:
+            width = 2 * sum(self.card.outputs.style_channels)
+            return np.zeros((0, self.embedding_size), np.float32), np.zeros((0, width), np.float32)
+        embeddings, styles = (np.concatenate(p) for p in zip(*parts))
+        return embeddings, styles
