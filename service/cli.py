@@ -53,6 +53,14 @@ def eval_(
     typer.echo(json.dumps(result, indent=1))
 
 
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def export(ctx: typer.Context) -> None:
+    """Backbone checkpoint -> ONNX + model card after a torch vs ONNX Runtime parity check (see python -m training.export --help)."""
+    from training.export import main
+
+    main(ctx.args)
+
+
 def _under(root, path: str):
     from pathlib import Path
 
