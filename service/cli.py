@@ -38,16 +38,28 @@ def eval_(
     flip: Annotated[bool, typer.Option(help="add the embedding of the mirrored image")] = False,
     degradations: Annotated[bool, typer.Option(help="also report magnitude against blur/low-res/occlusion/noise")] = True,
 ) -> None:
-    """Verification accuracy (10-fold), TAR@FAR, and MagFace quality (error-versus-reject) of a torch model."""
+    """Verification accuracy (10-fold), TAR@FAR and MagFace quality (error-versus-reject).
+
+    MODEL is a model card (card.yaml or its folder): raw photos go through the serving pipeline
+    (detect, align, ONNX engine). Or a torch checkpoint, fed pre-aligned or fixed-crop images.
+    """
     import json
     from pathlib import Path
 
-    import torch
-
-    from training.evaluate import evaluate_checkpoint
     from training.settings import get_settings
 
     root = get_settings().data_dir
+    card = Path(model) / "card.yaml" if Path(model).is_dir() else Path(model)
+    if card.suffix in (".yaml", ".yml"):
+        from training.evaluate_pipeline import main as pipeline_eval
+
+        result = pipeline_eval(card, _under(root, pairs), _under(root, images), Path(out) if out else None)
+        typer.echo(json.dumps(result, indent=1))
+        return
+    import torch
+
+    from training.evaluate import evaluate_checkpoint
+
     box = tuple(float(v) for v in crop.split(",")) if crop else None
     result = evaluate_checkpoint(model, _under(root, pairs), _under(root, images), box, Path(out) if out else None, torch.device("cpu"), flip, degradations)
     typer.echo(json.dumps(result, indent=1))

@@ -1,0 +1,73 @@
+"""Photo -> faces: detect, align to the model card's template, embed (one batched call), quality.
+
+The same code serves `faceset eval` on raw photos and the HTTP service; it sees the recognition
+model only through the `Engine` interface and its model card, so any runtime (or a dynamic
+batcher in front of one) plugs in.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+from engines.align import align
+from engines.base import Engine, embed_aligned
+from engines.detection import Detection, FaceDetector
+from engines.model_card import ModelCard, quality_from_magnitude
+from engines.templates import get_template
+
+
+@dataclass(frozen=True)
+class Face:
+    bbox: tuple[float, float, float, float]  # x1, y1, x2, y2 in photo pixels
+    landmarks: np.ndarray  # (5, 2) photo pixels: left eye, right eye, nose, left/right mouth corner
+    detection_score: float
+    embedding: np.ndarray  # (D,) float32, L2-normalised
+    magnitude: float  # ‖f‖ of the raw embedding: MagFace's quality signal
+    quality: float | None  # magnitude mapped to [0, 1] through the model card (None: the card has no mapping)
+
+
+class FacePipeline:
+    def __init__(self, detector: FaceDetector, engine: Engine, card: ModelCard) -> None:
+        self.detector, self.engine, self.card = detector, engine, card
+        self.template, self.template_size = get_template(card.input.template)
+
+    def detect(self, image: np.ndarray, max_faces: int | None = None, min_face_size: float = 0.0) -> list[Detection]:
+        """Faces of an RGB uint8 photo, largest first, at least `min_face_size` px on the shorter box side."""
+        found = [d for d in self.detector.detect(image) if min(d.bbox[2] - d.bbox[0], d.bbox[3] - d.bbox[1]) >= min_face_size]
+        found.sort(key=lambda d: d.area, reverse=True)
+        return found[:max_faces] if max_faces else found
+
+    def align(self, image: np.ndarray, detections: Sequence[Detection]) -> np.ndarray:
+        """(N, S, S, 3) uint8 crops, S the card's input size."""
+        s = self.card.input.size
+        crops = [align(image, d.landmarks, s, self.template, self.template_size) for d in detections]
+        return np.stack(crops) if crops else np.zeros((0, s, s, 3), np.uint8)
+
+    def embed_crops(self, crops: np.ndarray) -> np.ndarray:
+        """Raw embeddings (N, D) of aligned crops (the card's flip TTA included)."""
+        if len(crops) == 0:
+            return np.zeros((0, self.card.embedding_size), np.float32)
+        return embed_aligned(self.engine, self.card, crops)
+
+    def run(self, images: Sequence[np.ndarray], max_faces: int | None = None, min_face_size: float = 0.0) -> list[list[Face]]:
+        """Every face of every photo; all crops go to the engine in one call."""
+        detections = [self.detect(img, max_faces, min_face_size) for img in images]
+        crops = [self.align(img, dets) for img, dets in zip(images, detections)]
+        raw = self.embed_crops(np.concatenate(crops) if crops else np.zeros((0,)))
+        return self._faces(detections, raw)
+
+    def _faces(self, detections: list[list[Detection]], raw: np.ndarray) -> list[list[Face]]:
+        norms = np.linalg.norm(raw, axis=1)  # (N,)
+        unit = raw / np.maximum(norms, 1e-12)[:, None]
+        quality = quality_from_magnitude(self.card, norms) if self.card.quality is not None else [None] * len(raw)
+        out, i = [], 0
+        for dets in detections:
+            faces = []
+            for d in dets:
+                faces.append(Face(tuple(float(v) for v in d.bbox), np.asarray(d.landmarks, np.float32), float(d.score),
+                                  unit[i].astype(np.float32), float(norms[i]), None if quality[i] is None else float(quality[i])))
+                i += 1
+            out.append(faces)
+        return out
