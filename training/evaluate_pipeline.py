@@ -67,6 +67,7 @@ def score_pairs(pipeline: FacePipeline, pairs_file: Path, images_dir: Path, batc
 def summarise(pp: PipelinePairs, n_folds: int = 10) -> dict:
     k = kfold_accuracy(pp.scores, pp.issame, n_folds=n_folds)
     erc = error_versus_reject(pp.scores, pp.issame, pp.quality, fmr=1e-3)
+    erc2 = error_versus_reject(pp.scores, pp.issame, pp.quality, fmr=1e-2)
     tar = tar_at_far(pp.scores, pp.issame)
     return {
         "accuracy": float(k.mean),
@@ -75,13 +76,23 @@ def summarise(pp: PipelinePairs, n_folds: int = 10) -> dict:
         "photos_without_face": len(pp.missing),
         "tar_at_far": tar.as_dict(),
         "erc_fnmr_at_fmr_1e-3": dict(zip([f"{r:.2f}" for r in erc.reject], erc.fnmr.tolist())),
+        "erc_fnmr_at_fmr_1e-2": dict(zip([f"{r:.2f}" for r in erc2.reject], erc2.fnmr.tolist())),
     }
+
+
+def _erc(pp: PipelinePairs, fmr: float) -> tuple[np.ndarray, np.ndarray]:
+    erc = error_versus_reject(pp.scores, pp.issame, pp.quality, fmr=fmr)
+    return erc.reject, erc.fnmr
 
 
 def main(card: Path, pairs: Path, images: Path, out: Path | None = None) -> dict:
     pp = score_pairs(load_pipeline(card), pairs, images)
     result = {"model": str(card), **summarise(pp)}
     if out is not None:
+        from training.eval.plots import plot_erc
+
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(out / "pipeline_eval.json", json.dumps(result, indent=1).encode())
+        curves = {f"FMR {fmr:g}": _erc(pp, fmr) for fmr in (1e-3, 1e-2)}
+        plot_erc(curves, out / "erc.png", title=f"{card.parent.name}: error versus reject (quality = magnitude), LFW dev")
     return result
