@@ -90,7 +90,8 @@ def pair_evaluator(cfg: EvalConfig, size: int, settings, device: torch.device) -
 # ---- `faceset eval` for torch checkpoints ---------------------------------------------------
 
 def load_backbone(spec: str, device: torch.device) -> tuple[nn.Module, int]:
-    """A trained backbone (a backbone.pt from training) or `untrained:<arch>[:<embedding_size>]` (seed 0).
+    """A trained backbone (a backbone.pt, or a checkpoint directory runs/<name>/step-N) or
+    `untrained:<arch>[:<embedding_size>]` (seed 0).
 
     Returns (model in eval mode, its input size).
     """
@@ -101,11 +102,23 @@ def load_backbone(spec: str, device: torch.device) -> tuple[nn.Module, int]:
         torch.manual_seed(0)
         model = build_backbone(arch, embedding_size=int(size[0]) if size else 512)
         return model.to(device).eval(), getattr(model, "input_size", 112)
+    if Path(spec).is_dir():  # a training checkpoint directory (runs/<name>/step-N)
+        return _from_checkpoint_dir(Path(spec), device)
     art = torch.load(spec, map_location="cpu", weights_only=False)
     model = build_backbone(art["arch"], embedding_size=art["embedding_size"], **art.get("kwargs", {}))
     model.load_state_dict(art["backbone"] if "backbone" in art else art["state_dict"])  # ours, or a converter's
     size = art.get("input_size", getattr(model, "input_size", 112))
     return model.to(device).eval(), int(size[0] if isinstance(size, (list, tuple)) else size)
+
+
+def _from_checkpoint_dir(path: Path, device: torch.device) -> tuple[nn.Module, int]:
+    from training.models import build_backbone
+
+    state = torch.load(path / "model.pt", map_location="cpu", weights_only=False)
+    m = state["config"]["model"]
+    model = build_backbone(m["backbone"], embedding_size=m["embedding_size"], **m.get("kwargs", {}))
+    model.load_state_dict(state["backbone"])
+    return model.to(device).eval(), state["config"]["data"]["size"]
 
 
 @torch.no_grad()
