@@ -29,6 +29,7 @@ ENGINES: Registry = Registry("engine")
 # so choosing "onnxruntime" never loads torch or TensorRT. A new runtime adds a line here.
 RUNTIME_MODULES: dict[str, str] = {
     "onnxruntime": "engines.onnx_runtime",
+    "torch": "engines.torch_engine",
 }
 
 
