@@ -30,6 +30,7 @@ ENGINES: Registry = Registry("engine")
 RUNTIME_MODULES: dict[str, str] = {
     "onnxruntime": "engines.onnx_runtime",
     "torch": "engines.torch_engine",
+    "tensorrt": "engines.tensorrt_engine",
 }
 
 

@@ -1,0 +1,110 @@
+"""The TensorRT engine. Its pure parts run anywhere; building and running a plan needs `tensorrt`,
+`cuda-python` and an NVIDIA GPU, and those tests skip with the reason otherwise."""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+
+import numpy as np
+import pytest
+
+from engines.base import RUNTIME_MODULES
+from engines.tensorrt_engine import PLAN_SUFFIX, TensorRTError, cached_plan, plan_cache_key, profile_shapes
+from tests.engines.test_onnx_runtime import faces, tiny_model  # noqa: F401  (tiny_model is a fixture)
+
+KEY_ARGS = dict(onnx_sha256="a" * 64, gpu_name="NVIDIA H100 80GB HBM3", trt_version="10.7.0",
+                max_batch_size=64, fp16=True)
+
+
+def test_cache_key_is_sha256_of_every_field():
+    fields = "onnx=" + "a" * 64 + "\ngpu=NVIDIA H100 80GB HBM3\ntensorrt=10.7.0\nmax_batch=64\nfp16=True"
+    assert plan_cache_key(**KEY_ARGS) == hashlib.sha256(fields.encode()).hexdigest()
+
+
+@pytest.mark.parametrize("field,other", [("onnx_sha256", "b" * 64), ("gpu_name", "NVIDIA A10"),
+                                         ("trt_version", "10.8.0"), ("max_batch_size", 32), ("fp16", False)])
+def test_cache_key_changes_with_each_field(field, other):
+    assert plan_cache_key(**{**KEY_ARGS, field: other}) != plan_cache_key(**KEY_ARGS)
+
+
+@pytest.mark.parametrize("max_batch,opt", [(64, 32), (7, 3), (2, 1), (1, 1)])
+def test_profile_shapes_span_one_to_max_batch(max_batch, opt):
+    low, mid, high = profile_shapes(max_batch, 112)
+    assert low == (1, 3, 112, 112) and mid == (opt, 3, 112, 112) and high == (max_batch, 3, 112, 112)
+    with pytest.raises(ValueError):
+        profile_shapes(0, 112)
+
+
+def test_plan_cache_builds_once_and_stores_atomically(tmp_path):
+    builds = []
+
+    def build():
+        builds.append(1)
+        return b"plan-bytes"
+
+    plan, path, built = cached_plan(tmp_path / "cache", "k1", build)
+    assert (plan, built) == (b"plan-bytes", True) and path == tmp_path / "cache" / f"k1{PLAN_SUFFIX}"
+    assert path.read_bytes() == b"plan-bytes"
+    again, same_path, built_again = cached_plan(tmp_path / "cache", "k1", build)
+    assert (again, same_path, built_again) == (b"plan-bytes", path, False) and len(builds) == 1
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == [path.name]  # no temp file left beside it
+
+
+def test_a_failed_build_stores_nothing(tmp_path):
+    def failing():
+        raise TensorRTError("parse error")
+
+    with pytest.raises(TensorRTError):
+        cached_plan(tmp_path, "k2", failing)
+    with pytest.raises(TensorRTError, match="empty"):
+        cached_plan(tmp_path, "k3", lambda: b"")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_runtime_is_registered():
+    assert RUNTIME_MODULES["tensorrt"] == "engines.tensorrt_engine"
+
+
+# ---------------------------------------------------------------- on a GPU
+
+
+def _gpu_skip_reason() -> str | None:
+    for module in ("tensorrt", "cuda"):
+        if importlib.util.find_spec(module) is None:
+            return f"{module} is not installed (the TensorRT runtime needs tensorrt 10 and cuda-python)"
+    from engines.tensorrt_engine import _cudart
+
+    try:
+        err, count = _cudart().cudaGetDeviceCount()
+    except Exception as exc:  # a missing driver raises from inside cuda-python's loader
+        return f"no CUDA driver: {exc}"
+    return None if int(err) == 0 and count > 0 else "no CUDA device"
+
+
+@pytest.fixture(scope="module")
+def gpu():
+    reason = _gpu_skip_reason()
+    if reason:
+        pytest.skip(reason)
+
+
+@pytest.mark.gpu
+def test_fp16_plan_matches_onnx_runtime_and_is_cached(gpu, tiny_model, tmp_path):  # noqa: F811
+    from engines.base import embed_aligned
+    from engines.onnx_runtime import OnnxRuntimeEngine
+    from engines.tensorrt_engine import TensorRTEngine
+
+    trt_engine = TensorRTEngine(tiny_model, max_batch_size=8, cache_dir=tmp_path)
+    reference = OnnxRuntimeEngine(tiny_model, providers=["CPUExecutionProvider"], intra_op_threads=1)
+    crops = faces(11, seed=5)  # 11 > 8: two chunks, the second a partial batch
+    a = embed_aligned(trt_engine, trt_engine.card, crops).astype(np.float64)
+    b = embed_aligned(reference, reference.card, crops).astype(np.float64)
+    cos = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+    assert cos.min() >= 0.999
+    assert trt_engine.health()
+    plans = list(tmp_path.glob(f"*{PLAN_SUFFIX}"))
+    assert [p.stem for p in plans] == [trt_engine.cache_key]
+    stamp = plans[0].stat().st_mtime_ns
+    again = TensorRTEngine(tiny_model, max_batch_size=8, cache_dir=tmp_path)  # from the cache, not rebuilt
+    assert plans[0].stat().st_mtime_ns == stamp
+    np.testing.assert_allclose(embed_aligned(again, again.card, crops), a, rtol=1e-3, atol=1e-3)
