@@ -22,6 +22,9 @@ into place only after parity holds; card.yaml (with the ONNX's sha256) is writte
 `style_outputs=True` adds a second output "style" for CAFace: for each map of the backbone's
 `forward_intermediates` (shallowest first), the per-channel mean and standard deviation over
 positions, interleaved per channel and concatenated over maps, (B, 2·Σ C_i) (`style_statistics`).
+
+Official MagFace checkpoints (iResNet .pth, `features.module.` keys) export with
+`export_magface_checkpoint`: the card states MagFace's own input (BGR, p/255) and the ONNX takes it.
 """
 from __future__ import annotations
 
@@ -429,6 +432,83 @@ def _parity_faces(images, size: int) -> tuple[np.ndarray, str]:
     if faces.dtype != np.uint8 or faces.ndim != 4 or faces.shape[1:] != (size, size, 3):
         raise ValueError(f"parity faces must be uint8 (N, {size}, {size}, 3) RGB, got {faces.dtype} {faces.shape}")
     return faces, "real aligned faces"
+
+
+# ---------------------------------------------------------------- official MagFace checkpoints
+
+# MagFace's inference code (IrvingMeng/MagFace inference/gen_feat.py) reads faces with cv2.imread
+# (BGR) and applies ToTensor + Normalize(mean 0, std 1): the network sees p/255 in BGR. Every BN of
+# its iResNet has eps 2e-5 (ours 1e-5). Its MS1MV2 models were trained with l_a 10, u_a 110.
+MAGFACE_INPUT = {"template": DEFAULT_TEMPLATE, "channel_order": "BGR", "mean": [0.0, 0.0, 0.0],
+                 "std": [255.0, 255.0, 255.0]}
+MAGFACE_BN_EPS = 2e-5
+MAGFACE_RANGE = {"l_a": 10.0, "u_a": 110.0}
+
+
+class MagFaceInput(nn.Module):
+    """A MagFace-trained backbone behind faceset's backbone input convention.
+
+    faceset backbones read y_c = (p_c − 127.5)/127.5 in RGB; MagFace's read m_c = p_k/255 with
+    k = 2 − c (BGR), so m_c = (127.5·y_{2−c} + 127.5)/255 = 0.5·y_{2−c} + 0.5. With the card stating
+    MagFace's own scaling, the export's card-to-backbone conversion and this one cancel: the ONNX
+    takes exactly what MagFace's code feeds its network.
+    """
+
+    def __init__(self, backbone: FaceBackbone) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.embedding_size, self.input_size = backbone.embedding_size, backbone.input_size
+
+    def forward(self, y: torch.Tensor) -> torch.Tensor:
+        return self.backbone(y[:, [2, 1, 0]] * 0.5 + 0.5)  # (B, 3, S, S): RGB (p − 127.5)/127.5 -> BGR p/255
+
+
+def load_magface_backbone(pth: str | Path, arch: str, embedding_size: int = 512) -> LoadedBackbone:
+    """An official MagFace iResNet checkpoint ({"state_dict": {"features.module.…": …, "fc.weight": …}, …}).
+
+    The backbone's weights are loaded strictly (the classifier `fc.weight` of MagFace's head is
+    left out), every BN gets MagFace's eps, and the model is wrapped in `MagFaceInput`.
+    """
+    from training.models.iresnet import load_insightface_state_dict
+
+    path = Path(pth)
+    ck = torch.load(path, map_location="cpu", weights_only=True)  # weights only: a downloaded file runs no code
+    backbone = build_backbone(arch, embedding_size=embedding_size)
+    dropped = load_insightface_state_dict(backbone, ck)
+    for module in backbone.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.eps = MAGFACE_BN_EPS
+    card = {
+        "input": dict(MAGFACE_INPUT),
+        "magnitude": dict(MAGFACE_RANGE),
+        # until measured on real faces, the training range: MagFace's margin is linear on [l_a, u_a]
+        "quality": {"method": "magface_linear", "low": MAGFACE_RANGE["l_a"], "high": MAGFACE_RANGE["u_a"]},
+        "provenance": {"source": f"{path.name}: official MagFace checkpoint (IrvingMeng/MagFace), {arch}",
+                       "notes": f"loaded with training.models.iresnet (BN eps set to {MAGFACE_BN_EPS}); "
+                                f"{len(dropped)} keys outside the backbone left out: {', '.join(dropped[:4])}"},
+    }
+    return LoadedBackbone(MagFaceInput(backbone).eval(), arch, embedding_size, backbone.input_size, path, card)
+
+
+def export_magface_checkpoint(
+    pth: str | Path,
+    arch: str,
+    out_dir: str | Path,
+    name: str,
+    licence: str,
+    version: str = "1",
+    embedding_size: int = 512,
+    card_overrides: dict | None = None,
+    parity_images: Sequence[np.ndarray] | np.ndarray | None = None,
+    command: str | None = None,
+) -> ModelCard:
+    """An official MagFace .pth -> out_dir/{name}.onnx + card.yaml (MagFace's BGR p/255 input), via `export_onnx`.
+
+    licence: the weights' terms (MagFace's released models are trained on MS1MV2: research use).
+    """
+    loaded = load_magface_backbone(pth, arch, embedding_size)
+    overrides = deep_merge({"licence": licence}, card_overrides or {})
+    return export_onnx(loaded, out_dir, name, version, overrides, parity_images, command=command)
 
 
 def read_faces(folder: str | Path, size: int, limit: int = 32) -> np.ndarray:
