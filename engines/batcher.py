@@ -19,7 +19,8 @@ batches at low load at the cost of that much added latency for a lone request.
 A request larger than max_batch_size is split into parts that queue one after another; its
 caller gets the rows reassembled in order. A failing inference fails exactly the callers whose
 rows were in that batch. Metrics: every batch produces a `BatchRecord` passed to `on_batch`
-(e.g. to Prometheus histograms) and summed in `stats`.
+(e.g. to Prometheus histograms) and summed in `stats`. `BatchedEngine` gives synchronous callers
+in other threads the `Engine` interface over a running batcher.
 
 Nothing here imports torch.
 """
@@ -39,7 +40,7 @@ from engines.base import Engine, EngineInputError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["BatchRecord", "BatcherClosedError", "BatcherStats", "DynamicBatcher"]
+__all__ = ["BatchRecord", "BatchedEngine", "BatcherClosedError", "BatcherStats", "DynamicBatcher"]
 
 
 class BatcherClosedError(RuntimeError):
@@ -264,3 +265,32 @@ class DynamicBatcher:
             self.on_batch(record)
         except Exception:  # a broken metrics hook must not take serving down
             log.exception("batcher on_batch hook failed")
+
+
+class BatchedEngine:
+    """A synchronous `Engine` view of a DynamicBatcher whose event loop runs in another thread.
+
+    For sync callers (FacePipeline in a worker thread): `embed` blocks the calling thread until
+    the batch holding its rows has run. Calling it from the loop's own thread would deadlock,
+    so that is refused.
+    """
+
+    def __init__(self, batcher: DynamicBatcher, loop: asyncio.AbstractEventLoop) -> None:
+        self.batcher, self.loop = batcher, loop
+        engine = batcher.engine
+        self.name = f"batched:{engine.name}"
+        # embed takes any N (the batcher splits it); the batch one inference runs is the batcher's
+        self.max_batch_size = batcher.max_batch_size
+        self.input_size, self.embedding_size = engine.input_size, engine.embedding_size
+
+    def embed(self, batch: np.ndarray) -> np.ndarray:
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is self.loop:
+            raise RuntimeError("BatchedEngine.embed blocks: call it from another thread, or await batcher.embed")
+        return asyncio.run_coroutine_threadsafe(self.batcher.embed(batch), self.loop).result()
+
+    def health(self) -> bool:
+        return self.batcher.running and self.batcher.engine.health()

@@ -269,3 +269,41 @@ def test_onnx_16_concurrent_requests_match_faces_embedded_alone(onnx_engine):
     assert cosine(batched, alone).min() >= 1 - 1e-4
     assert cosine(batched, np.roll(alone, 1, axis=0)).max() < 0.99
     np.testing.assert_allclose(np.linalg.norm(batched, axis=1), np.linalg.norm(alone, axis=1), rtol=1e-4)
+
+
+# ---------------------------------------------------------------- the synchronous view
+
+
+def test_batched_engine_serves_threads_through_one_batcher():
+    from concurrent.futures import ThreadPoolExecutor
+
+    from engines.base import Engine
+    from engines.batcher import BatchedEngine
+
+    engine = StubEngine()
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    try:
+        batcher = DynamicBatcher(engine, max_batch_size=8, max_delay_ms=100)
+        asyncio.run_coroutine_threadsafe(batcher.start(), loop).result()
+        sync = BatchedEngine(batcher, loop)
+        assert isinstance(sync, Engine) and sync.health()
+        x = inputs(8)
+        with ThreadPoolExecutor(8) as pool:
+            rows = list(pool.map(lambda i: sync.embed(x[i : i + 1]), range(8)))
+        for i, row in enumerate(rows):
+            np.testing.assert_array_equal(row, expected(x[i : i + 1]))
+        assert len(engine.calls) < 8 and sum(engine.calls) == 8  # the threads' faces were batched together
+
+        async def from_the_loop():
+            return sync.embed(x[:1])
+
+        with pytest.raises(RuntimeError, match="another thread"):
+            asyncio.run_coroutine_threadsafe(from_the_loop(), loop).result()
+        asyncio.run_coroutine_threadsafe(batcher.stop(), loop).result()
+        assert not sync.health()
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join()
+        loop.close()
