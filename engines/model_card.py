@@ -21,16 +21,15 @@ Conventions the fields rely on:
 """
 from __future__ import annotations
 
-import hashlib
 import math
-import os
-import tempfile
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
+
+from engines.atomic import atomic_write_bytes, fsync_file, sha256_file, temp_path_beside  # noqa: F401 (re-exported)
 
 CARD_FILENAME = "card.yaml"
 SHA256_PATTERN = r"^[0-9a-f]{64}$"
@@ -293,38 +292,3 @@ def threshold_at(card: ModelCard, far: float) -> float:
 
 
 # ---- files -------------------------------------------------------------------------------
-
-
-def sha256_file(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def temp_path_beside(path: str | Path) -> Path:
-    """An empty, world-readable temp file in path's folder (same file system, so os.replace is atomic)."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    os.chmod(tmp, 0o644)  # mkstemp makes it private; model files are shipped, world-readable artifacts
-    return Path(tmp)
-
-
-def fsync_file(path: str | Path) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
-
-
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write to a temp file beside `path`, fsync, then os.replace: readers see the old or the new file, never half."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_path_beside(path)
-    try:
-        tmp.write_bytes(data)
-        fsync_file(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)

@@ -21,7 +21,6 @@ rather than bilinear, which aliases when a large face is shrunk to 24 or 48 pixe
 """
 from __future__ import annotations
 
-import hashlib
 import math
 from pathlib import Path
 from typing import Sequence
@@ -31,6 +30,7 @@ import numpy as np
 import onnxruntime as ort
 import yaml
 
+from engines.atomic import sha256_file
 from engines.detection import DETECTORS, Detection
 
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parents[2] / "models" / "detector"
@@ -127,14 +127,6 @@ def pnet_candidates(face_prob: np.ndarray, offsets: np.ndarray, scale_xy: tuple[
     x1, y1 = PNET_STRIDE * cols / sx, PNET_STRIDE * rows / sy
     boxes = np.stack([x1, y1, x1 + PNET_CELL / sx, y1 + PNET_CELL / sy], axis=1)  # (K, 4)
     return boxes, face_prob[rows, cols], offsets[:, rows, cols].T  # (K, 4), (K,), (K, 4)
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def load_card(model_dir: Path, verify: bool = True) -> dict:

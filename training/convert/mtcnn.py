@@ -22,7 +22,6 @@ landmarks: (x, y) as fractions of the window; left eye, right eye, nose, left an
 from __future__ import annotations
 
 import argparse
-import hashlib
 import io
 import os
 import tempfile
@@ -40,6 +39,8 @@ import torch
 import torch.nn.functional as F
 import yaml
 from torch import nn
+
+from engines.atomic import sha256_file
 
 WHEEL_NAME = "facenet_pytorch-2.6.0-py3-none-any.whl"
 # sha256 of the wheel on PyPI; the card's provenance names exactly this file
@@ -154,14 +155,6 @@ NETS: dict[str, NetSpec] = {
         {"image": {0: "batch"}, "regression": {0: "batch"}, "face_prob": {0: "batch"}, "landmarks": {0: "batch"}},
     ),
 }
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def load_nets(wheel_path: Path) -> dict[str, nn.Module]:

@@ -29,8 +29,6 @@ import json
 import logging
 import math
 import multiprocessing
-import os
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +38,7 @@ import cv2
 import numpy as np
 
 from engines.align import align
+from engines.atomic import atomic_write_bytes
 from engines.detection import Detection, FaceDetector, build_detector
 from engines.registry import Registry
 from engines.templates import get_template, template_names
@@ -126,17 +125,7 @@ def write_jpeg(path: Path, image_rgb: np.ndarray, quality: int = JPEG_QUALITY) -
     ok, encoded = cv2.imencode(".jpg", cv2.cvtColor(image_rgb, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, quality])
     if not ok:
         raise RuntimeError(f"JPEG encoding failed for {path}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(encoded.tobytes())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_bytes(path, encoded.tobytes())
 
 
 def read_report(path: Path) -> dict[str, dict]:

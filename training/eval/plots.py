@@ -6,12 +6,12 @@ whoever else uses matplotlib in the process, and no display is needed.
 """
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Mapping
 
 import numpy as np
+
+from engines.atomic import atomic_write
 
 
 def _new_figure(title: str, xlabel: str, ylabel: str):
@@ -30,20 +30,7 @@ def _new_figure(title: str, xlabel: str, ylabel: str):
 
 def save_png_atomic(fig, path: str | Path) -> Path:
     """Render to a temp file in the target folder, fsync, then os.replace: readers never see half a PNG."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            fig.savefig(f, format="png")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        # clean up on any failure, interrupts included, then let it propagate
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write(path, lambda f: fig.savefig(f, format="png"))
 
 
 def plot_roc(curves: Mapping[str, tuple[np.ndarray, np.ndarray]], path: str | Path, title: str = "ROC") -> Path:
