@@ -37,6 +37,7 @@ def eval_(
     out: Annotated[Optional[str], typer.Option(help="folder for eval.json, roc.png and erc.png")] = None,
     flip: Annotated[bool, typer.Option(help="add the embedding of the mirrored image")] = False,
     degradations: Annotated[bool, typer.Option(help="also report magnitude against blur/low-res/occlusion/noise")] = True,
+    record: Annotated[bool, typer.Option(help="write the accuracy into the model card (card MODELs only)")] = False,
 ) -> None:
     """Verification accuracy (10-fold), TAR@FAR and MagFace quality (error-versus-reject).
 
@@ -53,7 +54,7 @@ def eval_(
     if card.suffix in (".yaml", ".yml"):
         from training.evaluate_pipeline import main as pipeline_eval
 
-        result = pipeline_eval(card, _under(root, pairs), _under(root, images), Path(out) if out else None)
+        result = pipeline_eval(card, _under(root, pairs), _under(root, images), Path(out) if out else None, record)
         typer.echo(json.dumps(result, indent=1))
         return
     import torch

@@ -38,4 +38,4 @@ python -m training.export "$RUNS/celeba-dlib-magface/backbone.pt" --out "$OUT" -
   --template dlib_150 --parity-dir "$ALIGNED/lfw-dev-dlib150" --licence "CC0-1.0 base weights (dlib); fine-tuned on CelebA: non-commercial research only" \
   --data-licence "CelebA: non-commercial research only" --card training/recipes/default_model_card.yaml
 python -m training.calibrate "$OUT" --holdout "$ALIGNED/celeba-calib-dlib150" --dataset "CelebA-10k hold-out identities (aligned by our MTCNN)"
-faceset eval "$OUT" --out "$OUT/eval"
+faceset eval "$OUT" --out "$OUT/eval" --record
