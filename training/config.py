@@ -46,6 +46,9 @@ class DataConfig:
     kind: Literal["folder", "recordio"] = "folder"
     root: str = "celeba-299"  # relative to the `base` folder unless absolute
     base: Literal["data", "aligned"] = "data"  # FACESET_DATA_DIR, or FACESET_ALIGNED_DIR (align_tool output)
+    align_from: str | None = None  # raw photos under FACESET_DATA_DIR: detect + align them into `root` first (resumable)
+    align_template: str = "arcface_112"
+    align_pick: Literal["largest", "central"] = "largest"
     size: int = 112
     crop: tuple[float, float, float, float] | None = None  # fixed relative crop (l, t, r, b) before resizing
     min_images_per_class: int = 1
@@ -80,6 +83,7 @@ class EvalConfig:
     pairs: str | None = None  # LFW-style pairs file, relative to FACESET_DATA_DIR unless absolute
     images: str | None = None  # its images folder, relative to the `images_base` folder unless absolute
     images_base: Literal["data", "aligned"] = "data"
+    images_align_from: str | None = None  # raw photos under FACESET_DATA_DIR to align into `images` first
     crop: tuple[float, float, float, float] | None = None
     every_epochs: int = 1
     n_folds: int = 10

@@ -30,7 +30,7 @@ from training.checkpoint import (
     save_checkpoint,
 )
 from training.config import TrainConfig
-from training.data.build import build_train_dataset
+from training.data.build import build_train_dataset, prepare_aligned
 from training.heads import HEADS
 from training.embedder import Embedder, EmbedderModule
 from training.losses import build_loss
@@ -70,6 +70,7 @@ class Trainer:
         self.settings = settings or get_settings()
         self.device = device or init_distributed()
         torch.manual_seed(cfg.seed)
+        self._prepare_data()
         self.dataset = build_train_dataset(cfg.data, self.settings.base_dir(cfg.data.base), seed=cfg.seed)
         self.sampler = ShardedEpochSampler(len(self.dataset), cfg.data.batch_size, cfg.seed, dist.rank(), dist.world_size())
         self.loader = DataLoader(
@@ -94,6 +95,20 @@ class Trainer:
         self.metrics = MetricsLog(self.run_dir)
 
     # ---- construction -------------------------------------------------------------------
+    def _prepare_data(self) -> None:
+        """Align raw photos the config names (rank 0; the others wait), before anything reads them."""
+        todo = []
+        d, e = self.cfg.data, self.cfg.eval
+        if d.align_from:
+            todo.append((self.settings.data_dir / d.align_from, self.settings.base_dir(d.base) / d.root, d.align_template, d.align_pick))
+        if e.images_align_from and e.images:
+            todo.append((self.settings.data_dir / e.images_align_from, self.settings.base_dir(e.images_base) / e.images, d.align_template, "central"))
+        if todo and dist.rank() == 0:
+            for src, dst, template, pick in todo:
+                prepare_aligned(src, dst, template, pick)
+        if todo and dist.is_dist():
+            tdist.barrier()
+
     def _build_model(self) -> nn.Module:
         m = self.cfg.model
         model = build_backbone(m.backbone, embedding_size=m.embedding_size, dropout=m.dropout, **m.kwargs)

@@ -154,3 +154,21 @@ def test_head_warmup_and_trainable_prefixes_freeze_the_backbone(tmp_path):
     after = torch.load(tmp_path / "partial" / "backbone.pt", weights_only=False)["backbone"]
     moved = {k for k in params if not torch.equal(before[k], after[k])}
     assert moved and all(k.startswith("features") for k in moved)
+
+
+@pytest.mark.data
+def test_raw_photos_are_aligned_before_training(tmp_path, data_dir):
+    """A config naming raw photos (data.align_from) trains on MTCNN-aligned crops it makes itself."""
+    raw = tmp_path / "data" / "raw"
+    for ident in sorted(p for p in (data_dir / "celeba-299").iterdir() if p.is_dir())[:4]:
+        (raw / ident.name).mkdir(parents=True)
+        for photo in sorted(ident.glob("*.jpg"))[:4]:
+            (raw / ident.name / photo.name).symlink_to(photo)
+    settings = TrainingSettings(data_dir=tmp_path / "data", aligned_dir=tmp_path / "aligned", runs_dir=tmp_path / "runs")
+    cfg = load_config("smoke", ["data.root=crops", "data.base=aligned", "data.align_from=raw", "data.batch_size=8",
+                                "data.num_workers=0", "model.embedding_size=64", "max_steps=1"])
+    _train(cfg, tmp_path / "run", settings)
+    crops = sorted((tmp_path / "aligned" / "crops").glob("*/*.jpg"))
+    assert len(crops) >= 15  # 16 photos; the detector may miss one
+    assert all(Image.open(c).size == (112, 112) for c in crops)
+    assert len(_losses(tmp_path / "run")) == 1

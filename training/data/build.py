@@ -3,8 +3,20 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import logging
+
 from training.data import DATASETS
 from training.data.transforms import build_transforms
+
+log = logging.getLogger("faceset.data")
+
+
+def prepare_aligned(src: Path, dst: Path, template: str, pick: str = "largest") -> None:
+    """Detect and align raw photos into dst (skips what is done already), so a recipe runs from raw data."""
+    from training.data.align_tool import align_folder
+
+    report = align_folder(src, dst, template=template, pick=pick)
+    log.info("aligned %s -> %s: %s", src, dst, report)
 
 
 def build_train_dataset(cfg, base_dir: Path, seed: int = 0):
