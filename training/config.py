@@ -124,7 +124,7 @@ def _apply_override(tree: dict, dotted: str) -> None:
 def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
     """Read a YAML config (a path, or the name of a shipped config) and validate it."""
     path = Path(path)
-    if not path.exists() and (CONFIG_DIR / f"{path}.yaml").exists():
+    if not path.is_file() and (CONFIG_DIR / f"{path}.yaml").is_file():
         path = CONFIG_DIR / f"{path}.yaml"
     tree = yaml.safe_load(path.read_text()) or {}
     for o in overrides:

@@ -41,3 +41,9 @@ def test_override_is_validated():
     assert load_config("smoke", ["optim.lr=0.01"]).optim.lr == 0.01
     with pytest.raises(Exception, match="optim.lr"):
         load_config("smoke", ["optim.lr=fast"])
+
+
+def test_a_shipped_name_wins_over_a_folder_of_the_same_name(tmp_path, monkeypatch):
+    (tmp_path / "smoke").mkdir()  # e.g. a run directory left in the working directory
+    monkeypatch.chdir(tmp_path)
+    assert load_config("smoke").name == "smoke"
