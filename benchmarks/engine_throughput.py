@@ -102,6 +102,8 @@ def main() -> None:
     ap.add_argument("--checkpoint", type=Path, default=None, help="torch checkpoint of the same model, for the torch runtime")
     ap.add_argument("--batches", default="1,4,8,16,32")
     ap.add_argument("--seconds", type=float, default=5.0)
+    ap.add_argument("--clients", type=int, default=16)
+    ap.add_argument("--batcher-delays", default="5,2", help="max queue delays (ms) to try for the batcher")
     args = ap.parse_args()
     card = ModelCard.load(args.card)
     size, batches = card.input.size, [int(b) for b in args.batches.split(",")]
@@ -123,8 +125,11 @@ def main() -> None:
     if "torch" in best:
         print(f"\nonnxruntime / torch at their best batch: {best['onnxruntime'][1] / best['torch'][1]:.2f}x")
     b, fps = best["onnxruntime"]
-    via = batcher_faces_per_second(runtimes["onnxruntime"], size, clients=16, max_batch=b, delay_ms=5.0, seconds=args.seconds)
-    print(f"batcher, 16 single-face clients (max batch {b}, 5 ms delay): {via:.1f} faces/s = {100 * via / fps:.0f}% of the engine's best ({fps:.1f})")
+    print(f"\nbatcher, {args.clients} concurrent single-face clients; engine's best {fps:.1f} faces/s (batch {b})")
+    for max_batch in sorted({b, args.clients}):
+        for delay in (float(d) for d in args.batcher_delays.split(",")):
+            via = batcher_faces_per_second(runtimes["onnxruntime"], size, args.clients, max_batch, delay, args.seconds)
+            print(f"  max batch {max_batch:3d}, max delay {delay:4.1f} ms: {via:7.1f} faces/s = {100 * via / fps:3.0f}% of the engine's best")
 
 
 if __name__ == "__main__":
