@@ -114,6 +114,10 @@ def main() -> None:
     runtimes = {"onnxruntime": build_engine("onnxruntime", card=card, max_batch_size=max(batches))}
     if args.checkpoint:
         runtimes["torch"] = build_engine("torch", card=card, checkpoint=args.checkpoint, max_batch_size=max(batches))
+    try:  # FP16 plan, built once and cached; only where TensorRT and a CUDA GPU are
+        runtimes["tensorrt"] = build_engine("tensorrt", card=card, max_batch_size=max(batches))
+    except (ImportError, RuntimeError) as exc:
+        print(f"tensorrt: not run ({type(exc).__name__}: {exc})\n")
     best: dict[str, tuple[int, float]] = {}
     print(f"{'runtime':12s} {'batch':>5s} {'faces/s':>9s} {'ms/batch':>9s} {'% of matmul roof':>17s}")
     for name, engine in runtimes.items():
