@@ -13,8 +13,6 @@ from torch import nn
 
 
 class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
-    group = None  # a process group of its own, so BN collectives never interleave with others
-
     def _check_input_dim(self, x: torch.Tensor) -> None:
         if x.dim() not in (2, 4):
             raise ValueError(f"expected 2D or 4D input, got {x.dim()}D")
@@ -24,10 +22,10 @@ class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
             return super().forward(x)
         dims = [0] + list(range(2, x.dim()))  # every axis but channels
         count = torch.tensor([x.numel() / x.shape[1]], dtype=x.dtype, device=x.device)
-        n = dnn.all_reduce(count, group=self.group)
-        mean = dnn.all_reduce(x.sum(dims), group=self.group) / n  # (C,)
+        n = dnn.all_reduce(count)
+        mean = dnn.all_reduce(x.sum(dims)) / n  # (C,)
         shape = [1, -1] + [1] * (x.dim() - 2)
-        var = dnn.all_reduce(((x - mean.view(shape)) ** 2).sum(dims), group=self.group) / n  # biased, as BN normalises
+        var = dnn.all_reduce(((x - mean.view(shape)) ** 2).sum(dims)) / n  # biased, as BN normalises
         if self.track_running_stats:
             self._update_running(mean.detach(), var.detach() * n / (n - 1).clamp(min=1))
         y = (x - mean.view(shape)) / torch.sqrt(var.view(shape) + self.eps)
@@ -47,8 +45,6 @@ def convert_sync_bn(module: nn.Module, device: torch.device) -> nn.Module:
     """Every BatchNorm1d/2d becomes global-batch BN (torch SyncBatchNorm on CUDA)."""
     if device.type == "cuda":
         return nn.SyncBatchNorm.convert_sync_batchnorm(module)
-    if GlobalBatchNorm.group is None:
-        GlobalBatchNorm.group = dist.new_group(backend="gloo")
     return _replace(module)
 
 
