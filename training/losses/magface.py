@@ -44,16 +44,6 @@ def magface_regularizer(a: torch.Tensor, u_a: float = 110.0) -> torch.Tensor:
     return a / u_a**2 + 1.0 / a
 
 
-def quality_from_magnitude(norm, l_a: float = 10.0, u_a: float = 110.0):
-    """Quality in [0, 1], linear in the clamped magnitude: (clamp(‖f‖, l_a, u_a) − l_a)/(u_a − l_a).
-
-    Accepts a float, a numpy array or a torch tensor (uses only ``.clip`` and arithmetic), so the
-    service can mirror it from the model card's l_a/u_a without torch.
-    """
-    clipped = norm.clip(l_a, u_a) if hasattr(norm, "clip") else min(max(norm, l_a), u_a)
-    return (clipped - l_a) / (u_a - l_a)
-
-
 @LOSSES.register("magface")
 class MagFaceLoss(MarginSoftmaxLoss):
     """CE with target logit s·cos(θ_y + m(a)) plus λ_g·mean g(a); see the module docstring."""

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from tests.training.losses._ddp import run_sharded
 from training.heads import PartialFC
 from training.losses import LOSSES
-from training.losses.magface import MagCosFaceLoss, MagFaceLoss, quality_from_magnitude
+from training.losses.magface import MagCosFaceLoss, MagFaceLoss
 
 L_A, U_A, L_M, U_M, LAMBDA_G, SCALE = 10.0, 110.0, 0.45, 0.8, 35.0, 64.0
 LABELS = [0, 1, 2, 3, 4, 5, 0, 1]
@@ -153,15 +153,6 @@ def test_margin_term_lowers_magnitude():
     dce_da = SCALE / len(NORMS) * (1 - p_y) * np.sin(np.arccos(cos_y) + m) * (U_M - L_M) / (U_A - L_A)
     np.testing.assert_allclose(radial(emb.grad, emb), np.where(active, dce_da, 0.0), rtol=1e-7, atol=1e-15)
     assert (radial(emb.grad, emb)[active] > 0).all()
-
-
-def test_quality_from_magnitude():
-    norms = np.array([5.0, 10.0, 35.0, 60.0, 110.0, 200.0])
-    expected = np.array([0.0, 0.0, 0.25, 0.5, 1.0, 1.0])
-    np.testing.assert_allclose(quality_from_magnitude(norms), expected)
-    np.testing.assert_allclose(quality_from_magnitude(torch.tensor(norms)).numpy(), expected)
-    assert quality_from_magnitude(35.0) == pytest.approx(0.25)
-    assert quality_from_magnitude(26.0, l_a=1.0, u_a=51.0) == pytest.approx(0.5)
 
 
 SHARDED_CONFIGS = [("magface", {}), ("magface", {"easy_margin": False}), ("mag_cosface", {})]
