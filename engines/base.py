@@ -146,8 +146,17 @@ def embed_aligned(engine: Engine, card: ModelCard, faces: np.ndarray) -> np.ndar
     and the card's quality range are measured on the same sum.
     """
     x = preprocess(faces, card)
+    return merge_tta(engine.embed(with_tta(x, card)), card)
+
+
+def with_tta(x: np.ndarray, card: ModelCard) -> np.ndarray:
+    """The network input for `x` (N, 3, S, S) under the card's TTA: (2N, …), faces then their mirror images."""
+    return np.concatenate([x, x[..., ::-1]]) if card.flip_tta else x
+
+
+def merge_tta(out: np.ndarray, card: ModelCard) -> np.ndarray:
+    """Raw embeddings (N, D) from the outputs of `with_tta`'s input."""
     if not card.flip_tta:
-        return engine.embed(x)
-    n = len(x)
-    both = engine.embed(np.concatenate([x, x[..., ::-1]]))  # (2N, D): faces, then their mirror images
-    return both[:n] + both[n:]
+        return out
+    n = len(out) // 2
+    return out[:n] + out[n:]

@@ -6,8 +6,8 @@ batcher in front of one) plugs in.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 
@@ -56,9 +56,10 @@ class FacePipeline:
         detections = [self.detect(img, max_faces, min_face_size) for img in images]
         crops = [self.align(img, dets) for img, dets in zip(images, detections)]
         raw = self.embed_crops(np.concatenate(crops) if crops else np.zeros((0,)))
-        return self._faces(detections, raw)
+        return self.faces(detections, raw)
 
-    def _faces(self, detections: list[list[Detection]], raw: np.ndarray) -> list[list[Face]]:
+    def faces(self, detections: list[list[Detection]], raw: np.ndarray) -> list[list[Face]]:
+        """Faces from each photo's detections and the raw embeddings of their crops, in order."""
         norms = np.linalg.norm(raw, axis=1)  # (N,)
         unit = raw / np.maximum(norms, 1e-12)[:, None]
         quality = quality_from_magnitude(self.card, norms) if self.card.quality is not None else [None] * len(raw)

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import sys
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -12,8 +12,8 @@ app = typer.Typer(no_args_is_help=True, add_completion=False, help="faceset: tra
 @app.command()
 def train(
     config: Annotated[str, typer.Argument(help="YAML config path, or the name of a shipped config (training/configs/)")],
-    set_: Annotated[Optional[list[str]], typer.Option("--set", help="override a config key, e.g. --set optim.lr=0.01")] = None,
-    run_dir: Annotated[Optional[str], typer.Option(help="output folder (default FACESET_RUNS_DIR/<config name>); resumes if it holds a checkpoint")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="override a config key, e.g. --set optim.lr=0.01")] = None,
+    run_dir: Annotated[str | None, typer.Option(help="output folder (default FACESET_RUNS_DIR/<config name>); resumes if it holds a checkpoint")] = None,
     nproc: Annotated[int, typer.Option(help="processes on this machine (DDP via torchrun; gloo on CPU, nccl on GPU)")] = 1,
 ) -> None:
     """Train (or resume training) a backbone with a margin loss."""
@@ -33,8 +33,8 @@ def eval_(
     model: Annotated[str, typer.Argument(help="a backbone.pt written by training, or untrained:<arch>[:<dim>]")],
     pairs: Annotated[str, typer.Option(help="LFW-style pairs file, or an insightface .bin verification set (relative to FACESET_DATA_DIR unless absolute)")] = "lfw-dev/pairs.txt",
     images: Annotated[str, typer.Option(help="folder of the pairs' images (relative to FACESET_DATA_DIR unless absolute)")] = "lfw-dev/images",
-    crop: Annotated[Optional[str], typer.Option(help="fixed relative crop l,t,r,b applied before resizing (pre-aligned photos)")] = None,
-    out: Annotated[Optional[str], typer.Option(help="folder for eval.json, roc.png and erc.png")] = None,
+    crop: Annotated[str | None, typer.Option(help="fixed relative crop l,t,r,b applied before resizing (pre-aligned photos)")] = None,
+    out: Annotated[str | None, typer.Option(help="folder for eval.json, roc.png and erc.png")] = None,
     flip: Annotated[bool, typer.Option(help="add the embedding of the mirrored image")] = False,
     degradations: Annotated[bool, typer.Option(help="also report magnitude against blur/low-res/occlusion/noise")] = True,
     record: Annotated[bool, typer.Option(help="write the accuracy into the model card (card MODELs only)")] = False,
@@ -72,6 +72,29 @@ def export(ctx: typer.Context) -> None:
     from training.export import main
 
     main(ctx.args)
+
+
+@app.command()
+def serve(
+    host: Annotated[str, typer.Option(help="interface to listen on (0.0.0.0 for every interface)")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port")] = 8000,
+) -> None:
+    """Run the HTTP service (settings from FACESET_* variables; see service/settings.py).
+
+    Without FACESET_REDIS_URL it starts an embedded redis-server with its data in FACESET_DATA_DIR.
+    One process per replica: the dynamic batcher shares inferences between its requests.
+    """
+    import logging
+
+    import uvicorn
+
+    from service.app import create_app
+    from service.settings import get_settings
+
+    settings = get_settings()
+    logging.basicConfig(level=settings.log_level_number, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    uvicorn.run(create_app(settings), host=host, port=port, log_level=settings.log_level, proxy_headers=True,
+                server_header=False, timeout_graceful_shutdown=30)
 
 
 def _under(root, path: str):

@@ -1,0 +1,108 @@
+"""The FastAPI application: `create_app(settings)`; `uvicorn service.app:app` or `faceset serve` runs it.
+
+Start-up loads the model card, the detector and the recognition engine, starts the dynamic
+batcher, connects to Redis (or starts the embedded one) and runs the readiness self-test once,
+so a broken model fails the start, not the first request. The process never imports torch.
+"""
+from __future__ import annotations
+
+import logging
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from starlette.concurrency import run_in_threadpool
+
+from engines.base import build_engine
+from engines.batcher import DynamicBatcher
+from engines.detection import build_detector
+from engines.model_card import ModelCard
+from engines.pipeline import FacePipeline
+from service import errors
+from service.faces import FaceService
+from service.limits import BodySizeLimit
+from service.metrics import Metrics, MetricsMiddleware
+from service.redis_store import EmbeddedRedis, connect
+from service.routes import faces as face_routes
+from service.routes import health as health_routes
+from service.routes import openapi
+from service.settings import Settings, get_settings
+
+log = logging.getLogger("faceset")
+
+# what each runtime takes from the settings beyond the card and the batch size
+RUNTIME_OPTIONS = {
+    "onnxruntime": lambda s: {"intra_op_threads": s.engine_threads},
+    "tensorrt": lambda s: {"cache_dir": s.data_dir / "tensorrt"},
+    "torch": lambda s: {},
+}
+
+
+def build_pipeline(settings: Settings) -> FacePipeline:
+    card = ModelCard.load(settings.model_card)
+    options = RUNTIME_OPTIONS.get(settings.engine, lambda s: {})(settings)
+    engine = build_engine(settings.engine, card=card, max_batch_size=settings.max_batch_size, **options)
+    detector = build_detector("mtcnn", model_dir=settings.detector_dir, intra_op_threads=settings.detector_threads)
+    return FacePipeline(detector, engine, card)
+
+
+@asynccontextmanager
+async def lifespan(app: FastAPI):
+    settings: Settings = app.state.settings
+    state = app.state
+    pipeline = await run_in_threadpool(build_pipeline, settings)
+    state.batcher = DynamicBatcher(pipeline.engine, settings.max_batch_size, settings.max_queue_delay_ms,
+                                   on_batch=state.metrics.on_batch)
+    await state.batcher.start()
+    state.embedded_redis = None
+    url = settings.redis_url.get_secret_value() if settings.redis_url else None
+    if url is None:
+        state.embedded_redis = EmbeddedRedis(settings.data_dir)
+        url = await run_in_threadpool(state.embedded_redis.start)
+    state.redis = connect(url)
+    state.faces = FaceService(pipeline, state.batcher, state.metrics, settings.max_image_pixels)
+    card = pipeline.card
+    state.metrics.model.info({"name": card.name, "version": card.version, "engine": pipeline.engine.name})
+    try:
+        log.info("self-test: %s", await state.faces.self_test())
+        log.info("serving %s %s on %s", card.name, card.version, pipeline.engine.name)
+        yield
+    finally:
+        await state.batcher.stop()
+        await state.redis.aclose()
+        if state.embedded_redis is not None:
+            await run_in_threadpool(state.embedded_redis.stop)
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+    logging.getLogger("faceset").setLevel(settings.log_level_number)
+    app = FastAPI(title="faceset", version=_version(), lifespan=lifespan,
+                  description="Face detection, embedding, verification and CAFace templates.")
+    app.state.settings = settings
+    app.state.metrics = Metrics()
+    errors.install(app)
+    app.include_router(health_routes.router)
+    app.include_router(face_routes.router)
+    openapi.install(app)
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)  # outermost: sees every status
+    return app
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("faceset")
+    except PackageNotFoundError:
+        return "0.0.0"
+
+
+def __getattr__(name: str):
+    # `uvicorn service.app:app`: built on first access, so importing this module has no side effects
+    if name == "app":
+        return create_app()
+    raise AttributeError(name)
+
+
+__all__ = ["build_pipeline", "create_app"]

@@ -1,0 +1,146 @@
+"""Request bodies -> image bytes and embeddings: multipart files or JSON base64, as the contract says.
+
+Both forms are read here so routes stay thin; every malformed body becomes one of the error
+table's exceptions (415 for another content type, 422 for a bad field, 413 for too many images).
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from dataclasses import dataclass
+
+import numpy as np
+from pydantic import BaseModel, ValidationError
+from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+
+from service.errors import InvalidInput, PayloadTooLarge, UnsupportedMediaType
+from service.schemas import EmbedRequest, VerifyRequest, VerifySide
+
+MULTIPART, JSON = "multipart/form-data", "application/json"
+
+
+@dataclass(frozen=True)
+class Side:
+    """One side of /verify: image bytes or a client's embedding."""
+
+    label: str
+    image: bytes | None = None
+    embedding: np.ndarray | None = None
+
+
+def content_type(request: Request) -> str:
+    kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if kind not in (MULTIPART, JSON):
+        raise UnsupportedMediaType(f"send {MULTIPART} or {JSON}, not {kind or 'no content type'}")
+    return kind
+
+
+async def read_images(request: Request, max_images: int) -> list[bytes]:
+    """The request's images (multipart field `images`, or JSON {"images": [{"data": base64}]})."""
+    if content_type(request) == MULTIPART:
+        form = await _form(request, max_files=max_images, max_fields=16)
+        images = [await _file_bytes(f, "images") for f in form.getlist("images")]
+        if not images:
+            raise InvalidInput("no images: send one or more files in the multipart field 'images'")
+    else:
+        body = _parse(await request.body(), EmbedRequest)
+        images = [b64decode(item.data, f"images[{i}]") for i, item in enumerate(body.images)]
+    _check_count(len(images), max_images)
+    return images
+
+
+async def read_verify(request: Request) -> tuple[Side, Side, float | None]:
+    """Sides a and b of /verify (files or JSON-encoded embeddings in multipart; objects in JSON) and the far, if sent."""
+    if content_type(request) == JSON:
+        body = _parse(await request.body(), VerifyRequest)
+        return _side("a", body.a), _side("b", body.b), body.far
+    form = await _form(request, max_files=2, max_fields=4)
+    sides = []
+    for label in ("a", "b"):
+        value = form.get(label)
+        if value is None:
+            raise InvalidInput(f"missing field '{label}': an image file or a JSON embedding")
+        if isinstance(value, UploadFile):
+            sides.append(Side(label, image=await _file_bytes(value, label)))
+        else:
+            sides.append(Side(label, embedding=_embedding(_json_list(value, label), label)))
+    far = form.get("far")
+    return sides[0], sides[1], _float(far, "far") if far is not None else None
+
+
+async def _form(request: Request, max_files: int, max_fields: int):
+    """The multipart form; too many parts is a 413, a malformed body a 400 (Starlette's own limits)."""
+    try:
+        return await request.form(max_files=max_files, max_fields=max_fields)
+    except HTTPException as exc:
+        if "Too many files" in str(exc.detail):
+            raise PayloadTooLarge(f"too many files in one request; the limit is {max_files}") from None
+        raise
+
+
+def b64decode(text: str, label: str) -> bytes:
+    if text.startswith("data:"):
+        text = text.partition(",")[2]
+    try:
+        data = base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise InvalidInput(f"{label}: 'data' is not valid base64") from None
+    if not data:
+        raise InvalidInput(f"{label}: empty image")
+    return data
+
+
+def _side(label: str, side: VerifySide) -> Side:
+    if side.data is not None:
+        return Side(label, image=b64decode(side.data, label))
+    return Side(label, embedding=_embedding(side.embedding, label))
+
+
+def _embedding(values, label: str) -> np.ndarray:
+    vector = np.asarray(values, dtype=np.float64)
+    if vector.ndim != 1 or not np.isfinite(vector).all() or not np.any(vector):
+        raise InvalidInput(f"{label}: an embedding must be a non-zero list of finite numbers")
+    return vector
+
+
+def _json_list(text: str, label: str) -> list:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        raise InvalidInput(f"{label}: a text field must hold a JSON list of numbers (an embedding)") from None
+    if not isinstance(value, list) or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+        raise InvalidInput(f"{label}: a text field must hold a JSON list of numbers (an embedding)")
+    return value
+
+
+def _float(text, label: str) -> float:
+    try:
+        return float(text)
+    except (TypeError, ValueError):
+        raise InvalidInput(f"{label}: not a number") from None
+
+
+async def _file_bytes(value, label: str) -> bytes:
+    if not isinstance(value, UploadFile):
+        raise InvalidInput(f"field '{label}' must be a file")
+    data = await value.read()
+    if not data:
+        raise InvalidInput(f"field '{label}': empty file")
+    return data
+
+
+def _parse(raw: bytes, model: type[BaseModel]):
+    try:
+        return model.model_validate_json(raw)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first.get("loc", ())) or "body"
+        raise InvalidInput(f"{where}: {first.get('msg', 'invalid')}") from None
+
+
+def _check_count(n: int, max_images: int) -> None:
+    if n > max_images:
+        raise PayloadTooLarge(f"{n} images in one request; the limit is {max_images}")

@@ -1,0 +1,70 @@
+"""POST /embed and POST /verify."""
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Query, Request
+
+from service.auth import Authenticated
+from service.deps import AppSettings, Faces
+from service.faces import EmbedOptions, SideResult
+from service.inputs import read_images, read_verify
+from service.routes.openapi import body, fields
+from service.schemas import (
+    EmbedRequest,
+    EmbedResponse,
+    FaceOut,
+    ImageResult,
+    ModelInfo,
+    Problem,
+    SideInfo,
+    VerifyRequest,
+    VerifyResponse,
+)
+
+router = APIRouter(dependencies=[Authenticated], responses={
+    s: {"model": Problem} for s in (401, 413, 415, 422, 429, 503)})
+
+
+@router.post("/embed", response_model=EmbedResponse, summary="Detect, align and embed every face of each image",
+             openapi_extra=body(EmbedRequest, fields({"images": True})))
+async def embed(
+    request: Request, faces: Faces, settings: AppSettings,
+    max_faces: Annotated[int | None, Query(ge=1, description="Most faces per image, largest first")] = None,
+    min_face_size: Annotated[float | None, Query(ge=0, description="Smallest face side in pixels")] = None,
+    min_quality: Annotated[float, Query(ge=0, le=1, description="Leave out faces of lower quality")] = 0.0,
+) -> EmbedResponse:
+    images = await read_images(request, settings.max_images)
+    options = EmbedOptions(max_faces or settings.max_faces,
+                           settings.min_face_size if min_face_size is None else min_face_size, min_quality)
+    results = await faces.embed_images(images, options)
+    return EmbedResponse(model=model_info(faces), results=[ImageResult(faces=[face_out(f) for f in fs]) for fs in results])
+
+
+@router.post("/verify", response_model=VerifyResponse, summary="Are two faces (images or embeddings) the same person?",
+             openapi_extra=body(VerifyRequest, fields({"a": False, "b": False}, {
+                 "far": "False accept rate (default: the service's)"})))
+async def verify(
+    request: Request, faces: Faces, settings: AppSettings,
+    far: Annotated[float | None, Query(gt=0, lt=1, description="False accept rate whose threshold decides")] = None,
+) -> VerifyResponse:
+    a, b, body_far = await read_verify(request)
+    verdict = await faces.verify(a, b, body_far or far or settings.default_far)
+    return VerifyResponse(similarity=verdict.similarity, match=verdict.match, threshold=verdict.threshold,
+                          far=verdict.far, a=side_info(verdict.a), b=side_info(verdict.b))
+
+
+def model_info(faces) -> ModelInfo:
+    card = faces.card
+    return ModelInfo(name=card.name, version=card.version, embedding_size=card.embedding_size)
+
+
+def face_out(face) -> FaceOut:
+    return FaceOut(bbox=list(face.bbox), landmarks=face.landmarks.tolist(), detection_score=face.detection_score,
+                   embedding=face.embedding.tolist(), magnitude=face.magnitude, quality=face.quality)
+
+
+def side_info(side: SideResult) -> SideInfo:
+    if side.face is None:
+        return SideInfo(source="embedding")
+    return SideInfo(source="image", bbox=list(side.face.bbox), quality=side.face.quality, faces_found=side.faces_found)

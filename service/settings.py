@@ -1,0 +1,104 @@
+"""The service's one settings class: every field reads from a `FACESET_*` environment variable.
+
+    FACESET_MODEL_CARD=models/default FACESET_API_KEYS='["k1","k2"]' faceset serve
+
+Each field's description says what it trades off. Outside development (`FACESET_ENVIRONMENT`
+other than "development") the service refuses to start without API keys.
+"""
+from __future__ import annotations
+
+import logging
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="FACESET_", extra="ignore", frozen=True)
+
+    environment: Literal["development", "production"] = Field(
+        default="development",
+        description="'production' refuses to start without FACESET_API_KEYS.")
+    model_card: Path = Field(
+        default=REPO / "models" / "default",
+        description="Recognition model: a card.yaml or the folder holding one (ONNX + card).")
+    detector_dir: Path = Field(
+        default=REPO / "models" / "detector",
+        description="Face detector (MTCNN ONNX + card) folder.")
+    engine: str = Field(
+        default="onnxruntime",
+        description="Runtime for the recognition model: onnxruntime (CPU, CUDA where present) or tensorrt.")
+    engine_threads: int = Field(
+        default=0, ge=0,
+        description="Threads per recognition inference; 0 = every core. Lower leaves cores for detection.")
+    detector_threads: int = Field(
+        default=1, ge=1,
+        description="Threads per detector inference; detections of concurrent requests run side by side.")
+    max_batch_size: int = Field(
+        default=16, ge=1, le=1024,
+        description="Most faces per recognition inference. Larger: more throughput, more latency per batch. "
+                    "Set near the expected number of concurrent faces.")
+    max_queue_delay_ms: float = Field(
+        default=2.0, ge=0, le=1000,
+        description="How long a lone face waits for others to share its batch (added latency at low load).")
+    max_body_bytes: int = Field(
+        default=20 * 1024 * 1024, ge=1024,
+        description="Largest request body; larger requests get 413 before they are read whole.")
+    max_image_pixels: int = Field(
+        default=40_000_000, ge=1,
+        description="Largest decoded image (width × height); larger ones, decompression bombs included, get 422.")
+    max_images: int = Field(
+        default=32, ge=1,
+        description="Most images in one request (413 beyond).")
+    max_faces: int = Field(
+        default=16, ge=1,
+        description="Most faces returned per image when the request sets no max_faces.")
+    min_face_size: float = Field(
+        default=20.0, ge=0,
+        description="Smallest face (shorter box side, px) returned when the request sets no min_face_size.")
+    default_far: float = Field(
+        default=1e-3, gt=0, lt=1,
+        description="False accept rate whose calibrated threshold /verify uses when the request names none.")
+    api_keys: list[SecretStr] = Field(
+        default_factory=list,
+        description="Accepted X-API-Key values (JSON list). Empty: no authentication (development only).")
+    redis_url: SecretStr | None = Field(
+        default=None,
+        description="Redis for templates and gallery, e.g. redis://host:6379/0. Unset: `faceset serve` starts "
+                    "an embedded redis-server with its data in data_dir.")
+    key_prefix: str = Field(
+        default="faceset:",
+        description="Prefix of every Redis key this service writes (several deployments can share a Redis).")
+    data_dir: Path = Field(
+        default=REPO / "runs" / "service",
+        description="Where the service keeps local state (the embedded Redis's files).")
+    log_level: Literal["debug", "info", "warning", "error"] = Field(default="info", description="Log level.")
+
+    @field_validator("model_card", "detector_dir")
+    @classmethod
+    def _exists(cls, value: Path) -> Path:
+        if not value.exists():
+            raise ValueError(f"{value} does not exist")
+        return value
+
+    @model_validator(mode="after")
+    def _secure(self) -> Settings:
+        if self.environment != "development" and not self.api_keys:
+            raise ValueError("FACESET_API_KEYS must be set when FACESET_ENVIRONMENT is not 'development'")
+        if any(not k.get_secret_value() for k in self.api_keys):
+            raise ValueError("FACESET_API_KEYS must not contain an empty key")
+        return self
+
+    @property
+    def log_level_number(self) -> int:
+        return getattr(logging, self.log_level.upper())
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()
