@@ -19,7 +19,7 @@ from starlette.requests import Request
 from service.errors import InvalidInput, PayloadTooLarge, UnsupportedMediaType
 from service.schemas import EmbedRequest, VerifyRequest, VerifySide
 
-MULTIPART, JSON = "multipart/form-data", "application/json"
+MULTIPART, JSON, FORM = "multipart/form-data", "application/json", "application/x-www-form-urlencoded"
 
 
 @dataclass(frozen=True)
@@ -31,10 +31,10 @@ class Side:
     embedding: np.ndarray | None = None
 
 
-def content_type(request: Request) -> str:
+def content_type(request: Request, allowed: tuple[str, ...] = (MULTIPART, JSON)) -> str:
     kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    if kind not in (MULTIPART, JSON):
-        raise UnsupportedMediaType(f"send {MULTIPART} or {JSON}, not {kind or 'no content type'}")
+    if kind not in allowed:
+        raise UnsupportedMediaType(f"send {' or '.join(allowed)}, not {kind or 'no content type'}")
     return kind
 
 
@@ -53,8 +53,9 @@ async def read_images(request: Request, max_images: int) -> list[bytes]:
 
 
 async def read_verify(request: Request) -> tuple[Side, Side, float | None]:
-    """Sides a and b of /verify (files or JSON-encoded embeddings in multipart; objects in JSON) and the far, if sent."""
-    if content_type(request) == JSON:
+    """Sides a and b of /verify and the far, if sent: JSON objects, or form fields holding files or
+    JSON-encoded embeddings (multipart; url-encoded when both sides are embeddings)."""
+    if content_type(request, (MULTIPART, JSON, FORM)) == JSON:
         body = _parse(await request.body(), VerifyRequest)
         return _side("a", body.a), _side("b", body.b), body.far
     form = await _form(request, max_files=2, max_fields=4)
