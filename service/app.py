@@ -32,7 +32,7 @@ log = logging.getLogger("faceset")
 # what each runtime takes from the settings beyond the card and the batch size
 RUNTIME_OPTIONS = {
     "onnxruntime": lambda s: {"intra_op_threads": s.engine_threads},
-    "tensorrt": lambda s: {"cache_dir": s.data_dir / "tensorrt"},
+    "tensorrt": lambda s: {"cache_dir": s.state_dir / "tensorrt"},
     "torch": lambda s: {},
 }
 
@@ -56,7 +56,7 @@ async def lifespan(app: FastAPI):
     state.embedded_redis = None
     url = settings.redis_url.get_secret_value() if settings.redis_url else None
     if url is None:
-        state.embedded_redis = EmbeddedRedis(settings.data_dir)
+        state.embedded_redis = EmbeddedRedis(settings.state_dir)
         url = await run_in_threadpool(state.embedded_redis.start)
     state.redis = connect(url)
     state.faces = FaceService(pipeline, state.batcher, state.metrics, settings.max_image_pixels)
@@ -80,6 +80,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                   description="Face detection, embedding, verification and CAFace templates.")
     app.state.settings = settings
     app.state.metrics = Metrics()
+    app.state.active_requests = 0
     errors.install(app)
     app.include_router(health_routes.router)
     app.include_router(face_routes.router)

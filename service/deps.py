@@ -5,6 +5,7 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
+from service.errors import Overloaded
 from service.faces import FaceService
 from service.settings import Settings
 
@@ -19,3 +20,18 @@ def _settings(request: Request) -> Settings:
 
 Faces = Annotated[FaceService, Depends(_faces)]
 AppSettings = Annotated[Settings, Depends(_settings)]
+
+
+async def _admit(request: Request):
+    """Admission control: beyond max_concurrent_requests a face request is refused (429), not queued."""
+    state = request.app.state
+    if state.active_requests >= state.settings.max_concurrent_requests:
+        raise Overloaded(f"{state.active_requests} requests in progress; retry shortly")
+    state.active_requests += 1
+    try:
+        yield
+    finally:
+        state.active_requests -= 1
+
+
+Admitted = Depends(_admit)

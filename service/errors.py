@@ -114,7 +114,7 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(ServiceError)
     async def _service(request: Request, exc: ServiceError) -> JSONResponse:
         status = status_of(exc)
-        headers = {"WWW-Authenticate": "X-API-Key"} if status == 401 else None
+        headers = {401: {"WWW-Authenticate": "X-API-Key"}, 429: {"Retry-After": "1"}, 503: {"Retry-After": "5"}}.get(status)
         return _answer(request, status, exc.code, exc.message, headers)
 
     @app.exception_handler(RequestValidationError)

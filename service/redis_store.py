@@ -1,11 +1,11 @@
 """The service's Redis: a client from a URL, or a real redis-server started for the user.
 
     FACESET_REDIS_URL=redis://host:6379/0     # a Redis you run
-    (unset)                                   # `EmbeddedRedis` starts redis-server, data in data_dir
+    (unset)                                   # `EmbeddedRedis` starts redis-server, data in state_dir
 
 The embedded server is the machine's `redis-server` (FACESET_REDIS_SERVER or PATH), listening on
 a unix socket only (no port to clash with or expose) with its append-only file in
-`data_dir/redis`, so templates and galleries survive a restart of the service.
+`state_dir/redis`, so templates and galleries survive a restart of the service.
 """
 from __future__ import annotations
 
@@ -41,8 +41,8 @@ async def ping(client: aioredis.Redis) -> str:
 class EmbeddedRedis:
     """A redis-server child process owned by the service (started by `start`, stopped by `stop`)."""
 
-    def __init__(self, data_dir: Path, binary: str | None = None) -> None:
-        self.dir = Path(data_dir) / "redis"
+    def __init__(self, state_dir: Path, binary: str | None = None) -> None:
+        self.dir = Path(state_dir) / "redis"
         self.binary = binary or os.environ.get("FACESET_REDIS_SERVER") or shutil.which("redis-server")
         self.socket = self.dir / "redis.sock"
         self.process: subprocess.Popen | None = None

@@ -69,14 +69,17 @@ class Settings(BaseSettings):
         description="Accepted X-API-Key values (JSON list). Empty: no authentication (development only).")
     redis_url: SecretStr | None = Field(
         default=None,
-        description="Redis for templates and gallery, e.g. redis://host:6379/0. Unset: `faceset serve` starts "
-                    "an embedded redis-server with its data in data_dir.")
+        description="Redis for templates and gallery, e.g. redis://host:6379/0. Unset: the service starts "
+                    "an embedded redis-server with its data in state_dir.")
     key_prefix: str = Field(
         default="faceset:",
         description="Prefix of every Redis key this service writes (several deployments can share a Redis).")
-    data_dir: Path = Field(
+    state_dir: Path = Field(
         default=REPO / "runs" / "service",
-        description="Where the service keeps local state (the embedded Redis's files).")
+        description="Where the service keeps local state: the embedded Redis's files, TensorRT plans.")
+    max_concurrent_requests: int = Field(
+        default=64, ge=1,
+        description="Face requests served at once; more get 429 at once instead of queueing without bound.")
     log_level: Literal["debug", "info", "warning", "error"] = Field(default="info", description="Log level.")
 
     @field_validator("model_card", "detector_dir")

@@ -6,7 +6,7 @@ from typing import Annotated
 from fastapi import APIRouter, Query, Request
 
 from service.auth import Authenticated
-from service.deps import AppSettings, Faces
+from service.deps import Admitted, AppSettings, Faces
 from service.faces import EmbedOptions, SideResult
 from service.inputs import read_images, read_verify
 from service.routes.openapi import body, fields
@@ -22,7 +22,7 @@ from service.schemas import (
     VerifyResponse,
 )
 
-router = APIRouter(dependencies=[Authenticated], responses={
+router = APIRouter(dependencies=[Authenticated, Admitted], responses={
     s: {"model": Problem} for s in (401, 413, 415, 422, 429, 503)})
 
 

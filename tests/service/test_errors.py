@@ -103,3 +103,16 @@ def test_unexpected_errors_are_500_without_details(small_client, monkeypatch):
     plain = TestClient(small_client.app, raise_server_exceptions=False)  # answer as a server would, not re-raise
     r = plain.post("/verify", json={"a": {"embedding": [1.0] * 128}, "b": {"embedding": [1.0] * 128}})
     assert r.status_code == 500 and r.json() == {"error": {"code": "internal_error", "message": "internal error"}}
+
+
+def test_beyond_max_concurrent_requests_is_429(small_client):
+    state = small_client.app.state
+    state.active_requests = state.settings.max_concurrent_requests  # as if that many were in progress
+    try:
+        r = small_client.post("/verify", json={"a": {"embedding": [1.0] * 128}, "b": {"embedding": [1.0] * 128}})
+        assert r.status_code == 429 and r.json()["error"]["code"] == "overloaded" and r.headers["Retry-After"] == "1"
+        assert small_client.get("/readyz").status_code == 200  # health is never refused
+    finally:
+        state.active_requests = 0
+    ok = small_client.post("/verify", json={"a": {"embedding": [1.0] * 128}, "b": {"embedding": [1.0] * 128}})
+    assert ok.status_code == 200 and state.active_requests == 0

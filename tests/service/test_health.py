@@ -90,7 +90,7 @@ def test_unmatched_paths_share_one_label(client):
 
 @pytest.mark.skipif(shutil.which("redis-server") is None, reason="redis-server is not installed on this machine")
 def test_without_a_redis_url_the_service_runs_its_own(tmp_path):
-    settings = make_settings(redis_url=None, data_dir=tmp_path)
+    settings = make_settings(redis_url=None, state_dir=tmp_path)
     with TestClient(create_app(settings)) as c:
         assert c.get("/readyz").json()["checks"]["redis"]["ok"]
         server = c.app.state.embedded_redis
@@ -99,7 +99,7 @@ def test_without_a_redis_url_the_service_runs_its_own(tmp_path):
     assert server.process is None
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)
-    again = EmbeddedRedis(tmp_path)  # the data survives a restart (append-only file in data_dir)
+    again = EmbeddedRedis(tmp_path)  # the data survives a restart (append-only file in state_dir)
     again.start()
     try:
         assert redis.Redis(unix_socket_path=str(again.socket)).get("k") == b"v"
