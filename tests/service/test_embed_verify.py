@@ -121,3 +121,13 @@ def test_max_faces_keeps_the_largest(client, lfw):
     assert len(both) == 2 and both[0]["bbox"][2] <= 160 and both[1]["bbox"][0] >= 170  # largest first
     (largest,) = _embed(client, _png(canvas), max_faces=1)["results"][0]["faces"]
     assert largest["bbox"] == both[0]["bbox"]
+
+
+def test_no_image_or_embedding_reaches_the_logs(client, lfw, caplog):
+    caplog.set_level("DEBUG")
+    data = photo(lfw, "Abel_Pacheco")
+    face = _embed(client, data)["results"][0]["faces"][0]
+    client.post("/verify", json={"a": {"embedding": face["embedding"]}, "b": {"data": base64.b64encode(data).decode()}})
+    client.post("/embed", files=[("images", data[:500])])  # an error path too
+    logged = caplog.text
+    assert f"{face['embedding'][0]:.6f}"[:8] not in logged and base64.b64encode(data[:30]).decode() not in logged
