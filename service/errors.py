@@ -43,6 +43,10 @@ class NotFound(ServiceError):
     code = "not_found"
 
 
+class Conflict(ServiceError):
+    code = "conflict"
+
+
 class PayloadTooLarge(ServiceError):
     code = "payload_too_large"
 
@@ -75,6 +79,7 @@ STATUS: dict[type[ServiceError], int] = {
     BadRequest: 400,
     Unauthorized: 401,
     NotFound: 404,
+    Conflict: 409,
     PayloadTooLarge: 413,
     UnsupportedMediaType: 415,
     InvalidInput: 422,
