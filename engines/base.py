@@ -18,7 +18,7 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 
-from engines.model_card import ModelCard
+from engines.model_card import ModelCard, ModelCardError
 from engines.registry import Registry
 
 log = logging.getLogger(__name__)
@@ -160,3 +160,44 @@ def merge_tta(out: np.ndarray, card: ModelCard) -> np.ndarray:
         return out
     n = len(out) // 2
     return out[:n] + out[n:]
+
+
+class StyleRowsEngine:
+    """An `Engine` whose rows are [raw embedding (D) | style statistics (S)] of one inference.
+
+    Lets the dynamic batcher, which moves rows, carry both outputs of a card with a CAFace style
+    output; `split_rows` takes them apart again after the card's TTA.
+    """
+
+    def __init__(self, engine) -> None:
+        card = engine.card
+        if card.outputs.style is None or not hasattr(engine, "embed_with_style"):
+            raise ModelCardError(f"{engine.name}: the model has no style output, or the runtime cannot return it")
+        self.engine, self.card, self.name = engine, card, engine.name
+        self.input_size, self.max_batch_size = engine.input_size, engine.max_batch_size
+        self.style_size = 2 * sum(card.outputs.style_channels)
+        self.embedding_size = engine.embedding_size + self.style_size
+
+    def embed(self, batch: np.ndarray) -> np.ndarray:
+        embedding, style = self.engine.embed_with_style(batch)
+        return np.concatenate([embedding, style], axis=1).astype(np.float32, copy=False)  # (N, D + S)
+
+    def health(self) -> bool:
+        return self.engine.health()
+
+
+def split_rows(rows: np.ndarray, card: ModelCard) -> tuple[np.ndarray, np.ndarray | None]:
+    """Rows of `with_tta` input -> (raw embeddings (N, D), style (N, S) or None).
+
+    With flip TTA the embedding is the sum of the two views (as `merge_tta`) and the style the
+    mean of their statistics: the embedding is made of both views, so its style describes both.
+    """
+    d = card.embedding_size
+    embedding = merge_tta(rows[:, :d], card)
+    if rows.shape[1] == d:
+        return embedding, None
+    style = rows[:, d:]
+    if card.flip_tta:
+        n = len(style) // 2
+        style = (style[:n] + style[n:]) / 2
+    return embedding, style

@@ -12,7 +12,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from starlette.concurrency import run_in_threadpool
 
-from engines.base import build_engine
+from engines.base import StyleRowsEngine, build_engine
 from engines.batcher import DynamicBatcher
 from engines.detection import build_detector
 from engines.model_card import ModelCard
@@ -50,7 +50,9 @@ async def lifespan(app: FastAPI):
     settings: Settings = app.state.settings
     state = app.state
     pipeline = await run_in_threadpool(build_pipeline, settings)
-    state.batcher = DynamicBatcher(pipeline.engine, settings.max_batch_size, settings.max_queue_delay_ms,
+    # a card with a CAFace style output: batches carry [embedding | style] rows for the templates
+    batched = StyleRowsEngine(pipeline.engine) if pipeline.card.outputs.style else pipeline.engine
+    state.batcher = DynamicBatcher(batched, settings.max_batch_size, settings.max_queue_delay_ms,
                                    on_batch=state.metrics.on_batch)
     await state.batcher.start()
     state.embedded_redis = None

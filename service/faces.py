@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 from starlette.concurrency import run_in_threadpool
 
-from engines.base import merge_tta, preprocess, with_tta
+from engines.base import preprocess, split_rows, with_tta
 from engines.batcher import DynamicBatcher
 from engines.detection import Detection
 from engines.model_card import ModelCardError, resolve_far
@@ -82,10 +82,14 @@ class FaceService:
 
     async def embed_crops(self, crops: np.ndarray) -> np.ndarray:
         """Raw embeddings (N, D) of aligned crops (N, S, S, 3) through the batcher (the card's flip TTA included)."""
+        return (await self.infer(crops))[0]
+
+    async def infer(self, crops: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """Raw embeddings (N, D) and, where the batcher's engine gives them, CAFace style statistics (N, S)."""
         if len(crops) == 0:
-            return np.zeros((0, self.card.embedding_size), np.float32)
-        x = preprocess(crops, self.card)
-        return merge_tta(await self.batcher.embed(with_tta(x, self.card)), self.card)
+            return np.zeros((0, self.card.embedding_size), np.float32), None
+        rows = await self.batcher.embed(with_tta(preprocess(crops, self.card), self.card))
+        return split_rows(rows, self.card)
 
     # ---- /verify -----------------------------------------------------------------------
     async def verify(self, a: Side, b: Side, far: float) -> Verdict:

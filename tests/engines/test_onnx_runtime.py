@@ -11,6 +11,8 @@ import pytest
 
 from engines.base import ENGINES, Engine, EngineInputError, build_engine, embed_aligned, preprocess
 from engines.model_card import ModelCard, ModelCardError, sha256_file
+
+DEFAULT_CARD = Path(__file__).resolve().parents[2] / "models" / "default"
 from engines.onnx_runtime import OnnxRuntimeEngine
 
 REPO = Path(__file__).resolve().parents[2]
@@ -225,3 +227,20 @@ def test_engines_run_without_torch(tiny_model):
     """)
     result = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_style_rows_engine_carries_both_outputs_through_tta():
+    from engines.base import StyleRowsEngine, split_rows, with_tta
+
+    card = ModelCard.load(DEFAULT_CARD)
+    if card.outputs.style is None:
+        pytest.skip("the default model has no style output")
+    engine = OnnxRuntimeEngine(card, intra_op_threads=1)
+    faces = np.random.default_rng(0).integers(0, 256, (3, card.input.size, card.input.size, 3), dtype=np.uint8)
+    rows = StyleRowsEngine(engine).embed(with_tta(preprocess(faces, card), card))
+    embedding, style = split_rows(rows, card)
+    x = preprocess(faces, card)
+    e1, s1 = engine.embed_with_style(x)
+    e2, s2 = engine.embed_with_style(np.ascontiguousarray(x[..., ::-1]))
+    np.testing.assert_allclose(embedding, e1 + e2, rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(style, (s1 + s2) / 2, rtol=1e-5, atol=1e-5)
