@@ -1,0 +1,274 @@
+"""CAFace template fusion at serving time: two ONNX graphs, an additive memory, numpy + ONNX Runtime only.
+
+    fusion = FusionModel.load("models/caface")                    # a card.yaml or its folder
+    frames = fusion.assign(raw_embeddings, style)                  # (N, D), (N, S) from the recognition card's
+                                                                   # engine (flip TTA; style = mean over the views)
+    memory = Memory.empty(fusion); memory.add(frames)              # or add fusion.memory_delta(frames) to Redis
+    template = fusion.aggregate(*memory.state)                     # unit embedding (D,), quality, weights (M, D)
+
+`assign` (ONNX graph "assign") maps each frame on its own, never looking at other frames, to its
+assignment A_i (M,) over the M clusters (Σ_m A_{m,i} = 1), its unit embedding f̂_i = f_i/‖f_i‖ (D,)
+and its stored style s_i (K,) whose entry `magnitude_index` (the last) is ‖f_i‖. The memory of a
+template is the per-cluster sums over its frames
+
+    S_m = Σ_i A_{m,i} f̂_i  (M, D)     T_m = Σ_i A_{m,i} s_i  (M, K)     c_m = Σ_i A_{m,i}  (M,)
+
+so appending frames is addition: any order or batching gives the same memory up to the rounding
+of the sum, and the memory's size never grows (M·(D + K + 1) floats). `memory_delta` gives a
+contribution's share in float64 (products of the graph's float32 outputs, summed in float64), the
+numbers a store adds (Redis: HINCRBYFLOAT per field, which sums in long double and keeps 17
+significant digits, so concurrent appends commute to within ~1e-16 relative). Σ_m c_m is the number
+of frames. Keep one frame's delta per request item (`FrameContribution.frame(i)`) where a client may
+retry it: a store can then refuse a repeated frame id without a half-counted frame.
+
+`aggregate` (ONNX graph "aggregate") reads the memory only and returns the fused template
+f = Σ_m w_m ⊙ F_m, F_m = S_m / max(1, c_m), L2-normalised (D,) float32, the per-channel weights
+w (M, D) (softmax over m), and the template quality in [0, 1]:
+
+    q = clip((Σ_m ω_m n̄_m − low) / (high − low), 0, 1),   n̄_m = T_m[K−1] / c_m,   ω_m = mean_d w_{m,d}
+
+the recognition card's magnitude-to-quality map applied to the fusion-weighted mean raw magnitude:
+the MagFace quality of the frames the template leans on. A template of poor frames stays low; a good
+frame raises it as far as the network lets that frame's cluster dominate. The graphs run in float32
+(the memory is cast on the way in).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal, NamedTuple
+
+import numpy as np
+import onnxruntime as ort
+import yaml
+from pydantic import Field
+
+from engines.base import preprocess
+from engines.model_card import (
+    CARD_FILENAME,
+    FileEntry,
+    ModelCard,
+    ModelCardError,
+    Provenance,
+    TrainingInfo,
+    _Strict,
+    atomic_write_bytes,
+    sha256_file,
+)
+
+ASSIGN_INPUTS = ("raw_embedding", "style")
+ASSIGN_OUTPUTS = ("assignment", "unit_embedding", "stored_style")
+AGGREGATE_INPUTS = ("sums", "style_sums", "counts")
+AGGREGATE_OUTPUTS = ("embedding", "weights", "quality")
+
+
+class EmptyTemplateError(ValueError):
+    """A memory with no frames has no template."""
+
+
+# ---- the card ----------------------------------------------------------------------------
+
+
+class FusionFiles(_Strict):
+    assign: FileEntry = Field(description="Per-frame graph: raw_embedding (N, D), style (N, S) -> assignment (N, M), "
+                              "unit_embedding (N, D), stored_style (N, K).")
+    aggregate: FileEntry = Field(description="Memory graph: sums (M, D), style_sums (M, K), counts (M,) -> embedding "
+                                 "(D,), weights (M, D), quality ().")
+
+
+class RecognitionModel(_Strict):
+    name: str = Field(description="The recognition model card's name the fusion was trained on.")
+    version: str = Field(description="Its version.")
+    onnx_sha256: str = Field(pattern=r"^[0-9a-f]{64}$", description="sha256 of its ONNX.")
+    style_channels: list[int] = Field(description="Its outputs.style_channels (S = 2·Σ).")
+    tta: str = Field(description="How frames are embedded: the card's flip TTA and how the style is combined.")
+
+
+class FusionQuality(_Strict):
+    method: Literal["fusion_weighted_magnitude"] = Field(
+        "fusion_weighted_magnitude", description="q = clip((Σ_m ω_m n̄_m − low)/(high − low), 0, 1), ω_m = mean_d w_m.")
+    low: float = Field(description="Magnitude of quality 0 (the recognition card's quality.low).")
+    high: float = Field(description="Magnitude of quality 1 (the recognition card's quality.high).")
+
+
+class FusionParity(_Strict):
+    reference: str = Field(description="What the graphs were compared with.")
+    runtime: str
+    inputs: str = Field(description="Which frames and memories.")
+    assign_max_abs_diff: float = Field(description="Largest |torch − ORT| over A, f̂ and s (relative for s).")
+    aggregate_min_cosine: float = Field(description="Smallest cosine between torch's and ORT's fused embeddings.")
+    quality_max_abs_diff: float
+
+
+class FusionCard(_Strict):
+    card_version: Literal[1] = 1
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    version: str = Field(min_length=1)
+    method: Literal["caface_additive"] = Field("caface_additive", description="CAFace with per-frame assignment "
+                                               "(training.caface.model): the memory is a sum over frames.")
+    files: FusionFiles
+    clusters: int = Field(gt=1, description="M.")
+    embedding_size: int = Field(gt=0, description="D.")
+    style_size: int = Field(gt=0, description="S, the recognition model's style width.")
+    stored_style_size: int = Field(gt=0, description="K, the stored style per frame.")
+    magnitude_index: int = Field(description="Entry of the stored style holding ‖f_i‖ (K − 1).")
+    memory_dtype: Literal["float64"] = Field("float64", description="Sums are kept in float64; the graphs take float32.")
+    recognition: RecognitionModel
+    quality: FusionQuality
+    training: TrainingInfo
+    parity: FusionParity | None = None
+    licence: str
+    provenance: Provenance
+
+    @classmethod
+    def load(cls, path: str | Path, verify: bool = True) -> tuple[FusionCard, Path]:
+        path = Path(path)
+        path = path / CARD_FILENAME if path.is_dir() else path
+        card = cls.model_validate(yaml.safe_load(path.read_text()))
+        if verify:
+            for key, entry in card.files:
+                found = path.parent / entry.path
+                if not found.is_file() or sha256_file(found) != entry.sha256:
+                    raise ModelCardError(f"{found}: missing or not the card's sha256 (files.{key})")
+        return card, path.parent
+
+    def save(self, folder: str | Path) -> Path:
+        path = Path(folder) / CARD_FILENAME
+        text = yaml.safe_dump(self.model_dump(mode="python"), sort_keys=False, width=120, allow_unicode=True)
+        return atomic_write_bytes(path, text.encode())
+
+
+# ---- the recognition model's side ------------------------------------------------------------
+
+
+def style_with_tta(engine, card: ModelCard, faces: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Raw embeddings (N, D) and style statistics (N, S) of aligned uint8 RGB faces (N, S, S, 3), as the fusion expects.
+
+    engine: an `OnnxRuntimeEngine` (anything with `embed_with_style`) of a card with a style output.
+    With the card's flip TTA, embedding = f(x) + f(mirror x) (as `engines.base.embed_aligned`) and
+    style = (σ(x) + σ(mirror x))/2: the embedding is made of both views, so its style describes both.
+    """
+    x = preprocess(faces, card)
+    if not card.flip_tta:
+        return engine.embed_with_style(x)
+    n = len(x)
+    emb, style = engine.embed_with_style(np.concatenate([x, x[..., ::-1]]))  # (2N, D), (2N, S)
+    return emb[:n] + emb[n:], (style[:n] + style[n:]) / 2
+
+
+# ---- frames, memory, template --------------------------------------------------------------
+
+
+class FrameContribution(NamedTuple):
+    """What `assign` makes of N frames; every row depends on its own frame only."""
+
+    assignment: np.ndarray  # (N, M) float32, rows sum to 1
+    unit_embedding: np.ndarray  # (N, D) float32, f̂_i
+    style: np.ndarray  # (N, K) float32, s_i; style[:, magnitude_index] = ‖f_i‖
+
+    def frame(self, i: int) -> FrameContribution:
+        return FrameContribution(self.assignment[i : i + 1], self.unit_embedding[i : i + 1], self.style[i : i + 1])
+
+
+class MemoryDelta(NamedTuple):
+    sums: np.ndarray  # (M, D) float64, Σ_i A_{m,i} f̂_i
+    style_sums: np.ndarray  # (M, K) float64, Σ_i A_{m,i} s_i
+    counts: np.ndarray  # (M,) float64, Σ_i A_{m,i}
+
+
+class FusedTemplate(NamedTuple):
+    embedding: np.ndarray  # (D,) float32, unit norm
+    quality: float  # in [0, 1]
+    weights: np.ndarray  # (M, D) float32, Σ_m = 1 per channel
+
+
+class FusionModel:
+    """The card's two graphs on ONNX Runtime (CPU by default; the graphs are tiny)."""
+
+    def __init__(self, card: FusionCard, root: Path, providers: list[str] | None = None, threads: int = 1) -> None:
+        self.card, self.root = card, root
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        providers = providers or ["CPUExecutionProvider"]
+        self.assign_session = ort.InferenceSession(str(root / card.files.assign.path), options, providers=providers)
+        self.aggregate_session = ort.InferenceSession(str(root / card.files.aggregate.path), options, providers=providers)
+        self.clusters, self.embedding_size = card.clusters, card.embedding_size
+
+    @classmethod
+    def load(cls, card: str | Path, **kwargs) -> FusionModel:
+        """From a fusion card.yaml or its folder; every file's sha256 is checked."""
+        loaded, root = FusionCard.load(card)
+        return cls(loaded, root, **kwargs)
+
+    def assign(self, raw_embeddings: np.ndarray, style: np.ndarray) -> FrameContribution:
+        """Raw embeddings (N, D) and style statistics (N, S), as the recognition card's engine gives them."""
+        raw = np.ascontiguousarray(raw_embeddings, dtype=np.float32)
+        style = np.ascontiguousarray(style, dtype=np.float32)
+        c = self.card
+        if raw.ndim != 2 or raw.shape[1] != c.embedding_size or style.shape != (len(raw), c.style_size):
+            raise ValueError(f"need raw embeddings (N, {c.embedding_size}) and style (N, {c.style_size}), "
+                             f"got {raw.shape} and {style.shape}")
+        if not len(raw):
+            return FrameContribution(np.zeros((0, c.clusters), np.float32), np.zeros((0, c.embedding_size), np.float32),
+                                     np.zeros((0, c.stored_style_size), np.float32))
+        outs = self.assign_session.run(list(ASSIGN_OUTPUTS), dict(zip(ASSIGN_INPUTS, (raw, style))))
+        return FrameContribution(*outs)
+
+    def memory_delta(self, contribution: FrameContribution) -> MemoryDelta:
+        """The contribution's sums over its frames, in float64: add it to a template's memory."""
+        a = contribution.assignment.astype(np.float64)  # (N, M)
+        return MemoryDelta(a.T @ contribution.unit_embedding.astype(np.float64),  # (M, N) @ (N, D) -> (M, D)
+                           a.T @ contribution.style.astype(np.float64),  # (M, K)
+                           a.sum(axis=0))  # (M,)
+
+    def aggregate(self, sums: np.ndarray, style_sums: np.ndarray, counts: np.ndarray) -> FusedTemplate:
+        """The template of a memory: unit embedding (D,), quality in [0, 1], weights (M, D)."""
+        c = self.card
+        counts = np.asarray(counts, dtype=np.float64)
+        if counts.shape != (c.clusters,) or np.shape(sums) != (c.clusters, c.embedding_size) \
+                or np.shape(style_sums) != (c.clusters, c.stored_style_size):
+            raise ValueError(f"need memory ({c.clusters}, {c.embedding_size}), ({c.clusters}, {c.stored_style_size}), "
+                             f"({c.clusters},); got {np.shape(sums)}, {np.shape(style_sums)}, {counts.shape}")
+        if not counts.sum() > 0:
+            raise EmptyTemplateError("the template has no frames")
+        feed = {name: np.asarray(x, dtype=np.float32) for name, x in zip(AGGREGATE_INPUTS, (sums, style_sums, counts))}
+        embedding, weights, quality = self.aggregate_session.run(list(AGGREGATE_OUTPUTS), feed)
+        return FusedTemplate(embedding.astype(np.float32), float(quality), weights.astype(np.float32))
+
+    def fuse(self, raw_embeddings: np.ndarray, style: np.ndarray) -> FusedTemplate:
+        """All frames at once: assign, sum, aggregate."""
+        return self.aggregate(*self.memory_delta(self.assign(raw_embeddings, style)))
+
+
+class Memory:
+    """An in-memory template memory (float64 sums), for tests and offline use; Redis keeps the same numbers."""
+
+    def __init__(self, sums: np.ndarray, style_sums: np.ndarray, counts: np.ndarray) -> None:
+        self.sums, self.style_sums, self.counts = sums, style_sums, counts
+
+    @classmethod
+    def empty(cls, model: FusionModel) -> Memory:
+        c = model.card
+        return cls(np.zeros((c.clusters, c.embedding_size)), np.zeros((c.clusters, c.stored_style_size)),
+                   np.zeros(c.clusters))
+
+    @property
+    def state(self) -> MemoryDelta:
+        return MemoryDelta(self.sums, self.style_sums, self.counts)
+
+    @property
+    def frames(self) -> float:
+        """Σ_m c_m: the number of frames added (each frame's assignment sums to 1)."""
+        return float(self.counts.sum())
+
+    def add_delta(self, delta: MemoryDelta) -> Memory:
+        self.sums = self.sums + delta.sums
+        self.style_sums = self.style_sums + delta.style_sums
+        self.counts = self.counts + delta.counts
+        return self
+
+    def add(self, model: FusionModel, contribution: FrameContribution) -> Memory:
+        return self.add_delta(model.memory_delta(contribution))
+
+    def merge(self, other: Memory) -> Memory:
+        """Both templates' frames in one memory (a new Memory; the two are left as they are)."""
+        return Memory(self.sums.copy(), self.style_sums.copy(), self.counts.copy()).add_delta(other.state)

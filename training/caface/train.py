@@ -1,0 +1,164 @@
+"""Train the CAFace fusion network on precomputed features (the recognition model stays frozen).
+
+    python -m training.caface.train celeba-caface [--set steps=200 …]
+
+Reads the features of training.caface.features, keeps every `features.eval_every`-th multi-image
+CelebA-299 identity out (written to runs/NAME/eval_identities.txt for training.caface.evaluate;
+the calibration hold-out is a separate file and never read here), fixes the class centres W_y
+from the clean crops and the style normalisation from every training frame, then runs AdamW
+(REFERENCE.md: lr 1e-3, weight decay 5e-4; linear warm-up, cosine decay) on random sets
+(training.caface.sets.SetSampler). Each step also fuses every set a second time from two chunks
+of its frames in another order, assigned in separate batches, for the sequential loss term.
+
+Resumable: runs/NAME/checkpoint.pt (model, optimiser, step, sampler state; written atomically every
+`checkpoint_every` steps) is picked up by a rerun. The result is runs/NAME/caface.pt, what
+training.caface.export reads. Scalars go to runs/NAME/metrics.jsonl.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import time
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from engines.model_card import ModelCard
+from training.caface.config import CAFaceConfig, load_caface_config
+from training.caface.loss import caface_loss, centre_loss, class_centres
+from training.caface.model import CAFace
+from training.caface.sets import Features, SetSampler, split_identities
+from training.checkpoint import atomic_torch_save
+from training.metrics_log import MetricsLog
+from training.settings import get_settings
+
+VALIDATION_SETS = 512
+
+
+def resolve(path: str, base: Path) -> Path:
+    return Path(path) if Path(path).is_absolute() else base / path
+
+
+def training_split(cfg: CAFaceConfig, features: Features) -> tuple[Features, Features]:
+    """(fusion training identities, fusion evaluation identities) of the training tree's features."""
+    protected = None
+    if cfg.features.eval_protected:
+        folder = get_settings().aligned_dir / cfg.features.eval_protected
+        protected = {p.name for p in folder.iterdir() if p.is_dir() and len(list(p.iterdir())) >= 2}
+    held = split_identities(features.identities, cfg.features.eval_every, protected)
+    return features.subset(~held), features.subset(held)
+
+
+def build_model(cfg: CAFaceConfig, card: ModelCard, train: Features) -> CAFace:
+    if card.quality is None:
+        raise ValueError(f"{card.name}: the fusion network needs the card's quality range (magnitudes)")
+    torch.manual_seed(cfg.seed)
+    model = CAFace(cfg.arch, card.quality.low, card.quality.high)
+    style = train.style.reshape(-1, train.style.shape[-1]).astype(np.float64)  # (N·V, S)
+    model.set_style_normalisation(torch.from_numpy(style.mean(0)).float(), torch.from_numpy(style.std(0)).float())
+    return model
+
+
+def batch_tensors(features: Features, rows: np.ndarray, variants: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    return (torch.from_numpy(features.embedding[rows, variants]).float(),
+            torch.from_numpy(features.style[rows, variants]).float())  # (F, D), (F, S)
+
+
+def sequential_fusion(model: CAFace, raw, style, index: torch.Tensor, num_sets: int, generator: torch.Generator):
+    """The sets fused from two chunks of their frames (random order, each chunk assigned on its own), memories added."""
+    order = torch.randperm(len(raw), generator=generator)
+    memories = []
+    for chunk in order.tensor_split(2):
+        memories.append(model.memory(*model.assign(raw[chunk], style[chunk]), index[chunk], num_sets))
+    sums, style_sums, counts = (a + b for a, b in zip(*memories))
+    return model.aggregate(sums, style_sums, counts)[0]
+
+
+def lr_at(step: int, cfg: CAFaceConfig) -> float:
+    warm = cfg.optim.warmup_steps
+    if step < warm:
+        return cfg.optim.lr * (step + 1) / warm
+    return cfg.optim.lr * 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, cfg.steps - warm)))
+
+
+@torch.no_grad()
+def validation_loss(model: CAFace, features: Features, centres: torch.Tensor, seed: int = 1) -> float:
+    """Centre loss on VALIDATION_SETS fixed random sets of identities never trained on."""
+    model.eval()
+    rows, variants, index, labels = SetSampler(features, seed=seed).sample(VALIDATION_SETS)
+    raw, style = batch_tensors(features, rows, variants)
+    fused = model(raw, style, torch.from_numpy(index), VALIDATION_SETS)[0]
+    model.train()
+    return float(centre_loss(fused, centres[torch.from_numpy(labels)]))
+
+
+def train(cfg: CAFaceConfig, run_dir: Path | None = None) -> Path:
+    """Run (or resume) training; returns the path of caface.pt."""
+    torch.set_num_threads(cfg.threads)
+    runs = get_settings().runs_dir
+    run_dir = run_dir or runs / cfg.name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    card = ModelCard.load(resolve(cfg.recognition_card, Path.cwd()))
+    train_set, eval_set = training_split(cfg, Features.load(resolve(cfg.features.train, runs)))
+    (run_dir / "eval_identities.txt").write_text("\n".join(map(str, eval_set.identities)) + "\n")
+    centres = torch.from_numpy(class_centres(train_set.embedding[:, 0], train_set.labels, len(train_set.identities)))
+    eval_centres = torch.from_numpy(class_centres(eval_set.embedding[:, 0], eval_set.labels, len(eval_set.identities)))
+    model = build_model(cfg, card, train_set)
+    optim = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
+    sampler = SetSampler(train_set, cfg.sets.min_size, cfg.sets.max_size, cfg.sets.max_images, seed=cfg.seed)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    step = 0
+    checkpoint = run_dir / "checkpoint.pt"
+    if checkpoint.exists():
+        state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+        model.load_state_dict(state["model"]), optim.load_state_dict(state["optim"])
+        sampler.rng.bit_generator.state, step = state["sampler"], state["step"]
+        generator.set_state(state["generator"])
+    log = MetricsLog(run_dir)
+    model.train()
+    t0 = time.time()
+    while step < cfg.steps:
+        for group in optim.param_groups:
+            group["lr"] = lr_at(step, cfg)
+        rows, variants, index, labels = sampler.sample(cfg.batch_sets)
+        raw, style = batch_tensors(train_set, rows, variants)
+        index_t = torch.from_numpy(index)
+        fused = model(raw, style, index_t, cfg.batch_sets)[0]
+        sequential = sequential_fusion(model, raw, style, index_t, cfg.batch_sets, generator)
+        loss, terms = caface_loss(fused, sequential, centres[torch.from_numpy(labels)])
+        optim.zero_grad(set_to_none=True)
+        loss.backward()
+        optim.step()
+        step += 1
+        if step % cfg.log_every == 0 or step == cfg.steps:
+            log.log(step, loss=loss.item(), lr=lr_at(step - 1, cfg), frames=len(rows), **terms)
+            print(f"step {step}/{cfg.steps} loss {loss.item():.5f} centre {terms['centre']:.5f} "
+                  f"sequential {terms['sequential']:.2e} ({time.time() - t0:.0f} s)", flush=True)
+        if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+            val = validation_loss(model, eval_set, eval_centres)
+            log.log(step, val_centre=val)
+            print(f"step {step}: validation centre loss {val:.5f} on {len(eval_set.identities)} held-out identities")
+            atomic_torch_save({"model": model.state_dict(), "optim": optim.state_dict(), "step": step,
+                               "sampler": sampler.rng.bit_generator.state, "generator": generator.get_state()},
+                              checkpoint)
+    out = run_dir / "caface.pt"
+    atomic_torch_save({"state_dict": model.state_dict(), "arch": cfg.arch.model_dump(),
+                       "quality_range": [card.quality.low, card.quality.high], "config": cfg.model_dump(),
+                       "recognition": {"name": card.name, "version": card.version, "sha256": card.files.onnx.sha256},
+                       "features_model": train_set.model, "step": step,
+                       "training_identities": len(train_set.identities)}, out)
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("config", help="a shipped config name (training/configs/caface/) or a YAML path")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], help="a.b=value")
+    args = ap.parse_args(argv)
+    print(f"wrote {train(load_caface_config(args.config, args.overrides))}")
+
+
+if __name__ == "__main__":
+    main()
