@@ -15,6 +15,7 @@ from starlette.concurrency import run_in_threadpool
 from engines.base import StyleRowsEngine, build_engine
 from engines.batcher import DynamicBatcher
 from engines.detection import build_detector
+from engines.fusion import FusionModel
 from engines.model_card import ModelCard
 from engines.pipeline import FacePipeline
 from service import errors
@@ -25,7 +26,10 @@ from service.redis_store import EmbeddedRedis, connect
 from service.routes import faces as face_routes
 from service.routes import health as health_routes
 from service.routes import openapi
+from service.routes import templates as template_routes
 from service.settings import Settings, get_settings
+from service.template_store import TemplateStore
+from service.templates import TemplateService, memory_length, model_id
 
 log = logging.getLogger("faceset")
 
@@ -45,6 +49,19 @@ def build_pipeline(settings: Settings) -> FacePipeline:
     return FacePipeline(detector, engine, card)
 
 
+def build_templates(settings: Settings, state) -> tuple[TemplateService | None, str | None]:
+    """The template service, or None and why (no fusion model, or a recognition model without style output)."""
+    card = state.faces.card
+    if not (settings.fusion_card / "card.yaml").exists() and settings.fusion_card.suffix != ".yaml":
+        return None, f"no fusion model at {settings.fusion_card} (FACESET_FUSION_CARD)"
+    if card.outputs.style is None:
+        return None, f"model {card.name} {card.version} has no CAFace style output"
+    fusion = FusionModel.load(settings.fusion_card)
+    store = TemplateStore(state.redis, settings.key_prefix, memory_length(fusion), model_id(fusion),
+                          settings.template_id_window)
+    return TemplateService(state.faces, fusion, store, state.metrics, settings.min_face_size), None
+
+
 @asynccontextmanager
 async def lifespan(app: FastAPI):
     settings: Settings = app.state.settings
@@ -62,6 +79,7 @@ async def lifespan(app: FastAPI):
         url = await run_in_threadpool(state.embedded_redis.start)
     state.redis = connect(url)
     state.faces = FaceService(pipeline, state.batcher, state.metrics, settings.max_image_pixels)
+    state.templates, state.templates_off = build_templates(settings, state)
     card = pipeline.card
     state.metrics.model.info({"name": card.name, "version": card.version, "engine": pipeline.engine.name})
     try:
@@ -86,6 +104,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     errors.install(app)
     app.include_router(health_routes.router)
     app.include_router(face_routes.router)
+    app.include_router(template_routes.router)
     openapi.install(app)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)  # outermost: sees every status

@@ -5,9 +5,10 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
-from service.errors import Overloaded
+from service.errors import Overloaded, Unavailable
 from service.faces import FaceService
 from service.settings import Settings
+from service.templates import TemplateService
 
 
 def _faces(request: Request) -> FaceService:
@@ -18,7 +19,15 @@ def _settings(request: Request) -> Settings:
     return request.app.state.settings
 
 
+def _templates(request: Request) -> TemplateService:
+    templates = request.app.state.templates
+    if templates is None:
+        raise Unavailable(f"templates are off: {request.app.state.templates_off}")
+    return templates
+
+
 Faces = Annotated[FaceService, Depends(_faces)]
+Templates = Annotated[TemplateService, Depends(_templates)]
 AppSettings = Annotated[Settings, Depends(_settings)]
 
 

@@ -32,6 +32,12 @@ class EmbedOptions:
 
 
 @dataclass(frozen=True)
+class StyledFace:
+    face: Face
+    style: np.ndarray | None  # CAFace style statistics (S,), where the model has them
+
+
+@dataclass(frozen=True)
 class SideResult:
     embedding: np.ndarray  # (D,) unit
     face: Face | None  # the compared face when the side was an image
@@ -55,20 +61,23 @@ class FaceService:
         self._probe_reference: np.ndarray | None = None
 
     # ---- /embed ------------------------------------------------------------------------
-    async def embed_images(self, images: list[bytes], options: EmbedOptions) -> list[list[Face]]:
+    async def embed_images(self, images: list[bytes], options: EmbedOptions) -> list[list[StyledFace]]:
         """Faces of every image, largest first, each list cut to options.max_faces."""
         labels = ["image"] if len(images) == 1 else [f"images[{i}]" for i in range(len(images))]
-        found = await asyncio.gather(*(run_in_threadpool(self._detect_align, data, label, options)
+        found = await asyncio.gather(*(run_in_threadpool(self.detect_align, data, label, options)
                                        for data, label in zip(images, labels)))
         detections = [dets for dets, _ in found]
-        raw = await self.embed_crops(np.concatenate([crops for _, crops in found]))
-        faces = self.pipeline.faces(detections, raw)
+        raw, style = await self.infer(np.concatenate([crops for _, crops in found]))
+        faces, i = [], 0
+        for fs in self.pipeline.faces(detections, raw):
+            faces.append([StyledFace(f, None if style is None else style[i + k]) for k, f in enumerate(fs)])
+            i += len(fs)
         if options.min_quality > 0:
-            faces = [[f for f in fs if f.quality is None or f.quality >= options.min_quality] for fs in faces]
-        self.metrics.observe_faces(f.quality for fs in faces for f in fs)
+            faces = [[f for f in fs if f.face.quality is None or f.face.quality >= options.min_quality] for fs in faces]
+        self.metrics.observe_faces(f.face.quality for fs in faces for f in fs)
         return faces
 
-    def _detect_align(self, data: bytes, label: str, options: EmbedOptions) -> tuple[list[Detection], np.ndarray]:
+    def detect_align(self, data: bytes, label: str, options: EmbedOptions) -> tuple[list[Detection], np.ndarray]:
         try:
             image = decode(data, self.max_pixels, label)
         except Exception:
@@ -109,7 +118,7 @@ class FaceService:
                                    f"model {self.card.name} gives {self.card.embedding_size}")
             return SideResult(side.embedding / np.linalg.norm(side.embedding), None, None)
         options = EmbedOptions(max_faces=0, min_face_size=0.0)
-        detections, crops = await run_in_threadpool(self._detect_align, side.image, f"image {side.label}", options)
+        detections, crops = await run_in_threadpool(self.detect_align, side.image, f"image {side.label}", options)
         if not detections:
             raise NoFace(f"image {side.label}: no face found")
         raw = await self.embed_crops(crops[:1])  # the largest face

@@ -17,7 +17,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 
 from service.errors import InvalidInput, PayloadTooLarge, UnsupportedMediaType
-from service.schemas import EmbedRequest, VerifyRequest, VerifySide
+from service.schemas import EmbedRequest, FramesRequest, VerifyRequest, VerifySide
 
 MULTIPART, JSON, FORM = "multipart/form-data", "application/json", "application/x-www-form-urlencoded"
 
@@ -29,6 +29,17 @@ class Side:
     label: str
     image: bytes | None = None
     embedding: np.ndarray | None = None
+
+
+@dataclass(frozen=True)
+class Frame:
+    """One frame of a request: image bytes, or a raw embedding (D,) with its style statistics (S,)."""
+
+    index: int
+    frame_id: str | None = None
+    image: bytes | None = None
+    raw: np.ndarray | None = None
+    style: np.ndarray | None = None
 
 
 def content_type(request: Request, allowed: tuple[str, ...] = (MULTIPART, JSON)) -> str:
@@ -80,6 +91,30 @@ async def _form(request: Request, max_files: int, max_fields: int):
         if "Too many files" in str(exc.detail):
             raise PayloadTooLarge(f"too many files in one request; the limit is {max_files}") from None
         raise
+
+
+async def read_frames(request: Request, max_frames: int, embedding_size: int, style_size: int) -> list[Frame]:
+    """Frames for /templates/{id}/frames: multipart `images` (+ `frame_ids`, one per file, in order) or JSON `frames`."""
+    if content_type(request) == MULTIPART:
+        form = await _form(request, max_files=max_frames, max_fields=max_frames + 16)
+        images = [await _file_bytes(f, "images") for f in form.getlist("images")]
+        ids = [str(v) for v in form.getlist("frame_ids")]
+        if not images:
+            raise InvalidInput("no frames: send one or more files in the multipart field 'images'")
+        if ids and len(ids) != len(images):
+            raise InvalidInput(f"{len(ids)} frame_ids for {len(images)} images: send one per image, in order, or none")
+        _check_count(len(images), max_frames)
+        return [Frame(i, ids[i] if ids else None, image=data) for i, data in enumerate(images)]
+    body = _parse(await request.body(), FramesRequest)
+    _check_count(len(body.frames), max_frames)
+    frames = []
+    for i, f in enumerate(body.frames):
+        if f.data is not None:
+            frames.append(Frame(i, f.frame_id, image=b64decode(f.data, f"frames[{i}]")))
+        else:
+            raw, style = parse_precomputed(i, f.embedding, f.magnitude, f.style, embedding_size, style_size)
+            frames.append(Frame(i, f.frame_id, raw=raw, style=style))
+    return frames
 
 
 def b64decode(text: str, label: str) -> bytes:
@@ -145,3 +180,18 @@ def _parse(raw: bytes, model: type[BaseModel]):
 def _check_count(n: int, max_images: int) -> None:
     if n > max_images:
         raise PayloadTooLarge(f"{n} images in one request; the limit is {max_images}")
+
+
+def parse_precomputed(index: int, embedding, magnitude, style, card_d: int, style_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """A client's precomputed frame -> (raw embedding (D,), style (S,)); the magnitude restores a unit embedding's scale."""
+    e = np.asarray(embedding, dtype=np.float64)
+    st = np.asarray(style, dtype=np.float64)
+    if e.shape != (card_d,) or not np.isfinite(e).all() or not np.any(e):
+        raise InvalidInput(f"frames[{index}]: embedding must be {card_d} finite numbers, not all zero")
+    if st.shape != (style_size,) or not np.isfinite(st).all():
+        raise InvalidInput(f"frames[{index}]: style must be {style_size} finite numbers (the model's style statistics)")
+    if magnitude is not None:
+        if not magnitude > 0:
+            raise InvalidInput(f"frames[{index}]: magnitude must be positive")
+        e = e / np.linalg.norm(e) * magnitude
+    return e, st

@@ -39,6 +39,8 @@ class Metrics:
         self.detection = Histogram("faceset_detection_seconds", "Face detection time per image",
                                    buckets=LATENCY_BUCKETS, registry=r)
         self.batch_errors = Counter("faceset_batch_errors", "Failed recognition inferences", ["error"], registry=r)
+        self.frames = Counter("faceset_template_frames", "Template frames by outcome (accepted or the rejection reason)",
+                              ["outcome"], registry=r)
         self.model = Info("faceset_model", "The recognition model being served", registry=r)
 
     def on_batch(self, record: BatchRecord) -> None:

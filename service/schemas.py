@@ -38,6 +38,28 @@ class VerifyRequest(_Strict):
     far: float | None = Field(default=None, gt=0, lt=1, description="False accept rate (default: the service's).")
 
 
+class FrameData(_Strict):
+    data: str | None = Field(default=None, description="An image, base64 (its largest face is the frame).")
+    embedding: list[float] | None = Field(default=None, description="Or a precomputed embedding of the served model "
+                                          "(raw, or unit with `magnitude`)...")
+    magnitude: float | None = Field(default=None, description="...its MagFace magnitude, if `embedding` is unit-norm...")
+    style: list[float] | None = Field(default=None, description="...and its style statistics (/embed?include_style=true).")
+    frame_id: str | None = Field(default=None, min_length=1, max_length=128,
+                                 description="The client's id of the frame: a repeated id is not counted twice.")
+
+    @model_validator(mode="after")
+    def _one(self) -> FrameData:
+        if (self.data is None) == (self.embedding is None):
+            raise ValueError("give exactly one of 'data' (an image) or 'embedding' (with 'style')")
+        if self.embedding is not None and self.style is None:
+            raise ValueError("a precomputed 'embedding' needs its 'style' statistics")
+        return self
+
+
+class FramesRequest(_Strict):
+    frames: list[FrameData] = Field(min_length=1)
+
+
 # ---- responses --------------------------------------------------------------------------
 
 
@@ -54,6 +76,7 @@ class FaceOut(BaseModel):
     embedding: list[float] = Field(description="L2-normalised")
     magnitude: float = Field(description="‖f‖ of the raw embedding (MagFace: grows with face quality)")
     quality: float | None = Field(description="Magnitude mapped to [0, 1] through the model card")
+    style: list[float] | None = Field(default=None, description="CAFace style statistics (with include_style=true)")
 
 
 class ImageResult(BaseModel):
@@ -79,6 +102,32 @@ class VerifyResponse(BaseModel):
     far: float = Field(description="The calibrated false accept rate used (the requested one, or the nearest stricter)")
     a: SideInfo
     b: SideInfo
+
+
+class RejectedFrame(BaseModel):
+    index: int = Field(description="Position of the frame in the request")
+    reason: str = Field(description="no_face, low_quality, duplicate_frame_id, undecodable_image, "
+                                    "unsupported_media_type or image_too_large")
+
+
+class FramesResponse(BaseModel):
+    id: str
+    frames: int = Field(description="Frames in the template's memory after this call")
+    accepted: int = Field(description="Frames of this call added to the memory")
+    rejected: list[RejectedFrame]
+    quality: float | None = Field(description="The fused template's quality (null while it has no frames)")
+
+
+class TemplateResponse(BaseModel):
+    id: str
+    frames: int
+    quality: float
+    embedding: list[float] = Field(description="The fused template, L2-normalised")
+
+
+class Deleted(BaseModel):
+    id: str
+    deleted: bool
 
 
 class Check(BaseModel):

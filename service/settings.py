@@ -27,6 +27,17 @@ class Settings(BaseSettings):
     model_card: Path = Field(
         default=REPO / "models" / "default",
         description="Recognition model: a card.yaml or the folder holding one (ONNX + card).")
+    fusion_card: Path = Field(
+        default=REPO / "models" / "caface",
+        description="CAFace fusion model (two ONNX + card) for /templates; where absent, /templates answers 503.")
+    template_min_quality: float = Field(
+        default=0.0, ge=0, le=1,
+        description="Quality floor of a template frame when the request sets none; frames below it are reported "
+                    "as rejected (CAFace already down-weights poor frames; a floor keeps junk out entirely).")
+    template_id_window: int = Field(
+        default=4096, ge=0,
+        description="Most recent frame ids a template remembers to refuse retried frames (Redis memory per "
+                    "template grows with it, never with the frame count); 0 keeps them all.")
     detector_dir: Path = Field(
         default=REPO / "models" / "detector",
         description="Face detector (MTCNN ONNX + card) folder.")

@@ -7,7 +7,7 @@ from fastapi import APIRouter, Query, Request
 
 from service.auth import Authenticated
 from service.deps import Admitted, AppSettings, Faces
-from service.faces import EmbedOptions, SideResult
+from service.faces import EmbedOptions, SideResult, StyledFace
 from service.inputs import read_images, read_verify
 from service.routes.openapi import body, fields
 from service.schemas import (
@@ -33,12 +33,15 @@ async def embed(
     max_faces: Annotated[int | None, Query(ge=1, description="Most faces per image, largest first")] = None,
     min_face_size: Annotated[float | None, Query(ge=0, description="Smallest face side in pixels")] = None,
     min_quality: Annotated[float, Query(ge=0, le=1, description="Leave out faces of lower quality")] = 0.0,
+    include_style: Annotated[bool, Query(description="Add each face's CAFace style statistics (to send frames "
+                                                     "as embeddings to /templates)")] = False,
 ) -> EmbedResponse:
     images = await read_images(request, settings.max_images)
     options = EmbedOptions(max_faces or settings.max_faces,
                            settings.min_face_size if min_face_size is None else min_face_size, min_quality)
     results = await faces.embed_images(images, options)
-    return EmbedResponse(model=model_info(faces), results=[ImageResult(faces=[face_out(f) for f in fs]) for fs in results])
+    return EmbedResponse(model=model_info(faces),
+                         results=[ImageResult(faces=[face_out(f, include_style) for f in fs]) for fs in results])
 
 
 @router.post("/verify", response_model=VerifyResponse, summary="Are two faces (images or embeddings) the same person?",
@@ -59,9 +62,11 @@ def model_info(faces) -> ModelInfo:
     return ModelInfo(name=card.name, version=card.version, embedding_size=card.embedding_size)
 
 
-def face_out(face) -> FaceOut:
+def face_out(styled: StyledFace, include_style: bool = False) -> FaceOut:
+    face = styled.face
+    style = styled.style.tolist() if include_style and styled.style is not None else None
     return FaceOut(bbox=list(face.bbox), landmarks=face.landmarks.tolist(), detection_score=face.detection_score,
-                   embedding=face.embedding.tolist(), magnitude=face.magnitude, quality=face.quality)
+                   embedding=face.embedding.tolist(), magnitude=face.magnitude, quality=face.quality, style=style)
 
 
 def side_info(side: SideResult) -> SideInfo:

@@ -1,0 +1,52 @@
+"""CAFace streaming templates: POST /templates/{id}/frames, GET and DELETE /templates/{id}."""
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Path, Query, Request
+
+from service.auth import Authenticated
+from service.deps import Admitted, AppSettings, Templates
+from service.inputs import read_frames
+from service.routes.openapi import body, fields
+from service.schemas import (
+    Deleted,
+    FramesRequest,
+    FramesResponse,
+    Problem,
+    RejectedFrame,
+    TemplateResponse,
+)
+
+router = APIRouter(prefix="/templates", tags=["templates"], dependencies=[Authenticated, Admitted],
+                   responses={s: {"model": Problem} for s in (401, 404, 409, 413, 415, 422, 429, 503)})
+
+TemplateId = Annotated[str, Path(pattern=r"^[A-Za-z0-9._:@-]{1,128}$", description="The identity's template id")]
+
+
+@router.post("/{template_id}/frames", response_model=FramesResponse, summary="Stream frames into a template",
+             openapi_extra=body(FramesRequest, fields({"images": True}, {"frame_ids": "One per image, in order"},
+                                                      required=("images",))))
+async def add_frames(
+    template_id: TemplateId, request: Request, templates: Templates, settings: AppSettings,
+    min_quality: Annotated[float | None, Query(ge=0, le=1, description="Quality floor (default: the service's)")] = None,
+) -> FramesResponse:
+    frames = await read_frames(request, settings.max_images, templates.card.embedding_size,
+                               templates.fusion.card.style_size)
+    floor = settings.template_min_quality if min_quality is None else min_quality
+    out = await templates.add_frames(template_id, frames, floor)
+    return FramesResponse(id=out.template_id, frames=out.frames, accepted=out.accepted, quality=out.quality,
+                          rejected=[RejectedFrame(index=r.index, reason=r.reason) for r in out.rejected])
+
+
+@router.get("/{template_id}", response_model=TemplateResponse, summary="The fused template")
+async def get_template(template_id: TemplateId, templates: Templates) -> TemplateResponse:
+    view = await templates.get(template_id)
+    return TemplateResponse(id=view.template_id, frames=view.frames, quality=view.quality,
+                            embedding=view.embedding.tolist())
+
+
+@router.delete("/{template_id}", response_model=Deleted, summary="Erase a template (every key)")
+async def delete_template(template_id: TemplateId, templates: Templates) -> Deleted:
+    await templates.delete(template_id)
+    return Deleted(id=template_id, deleted=True)
