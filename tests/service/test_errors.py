@@ -116,3 +116,13 @@ def test_beyond_max_concurrent_requests_is_429(small_client):
         state.active_requests = 0
     ok = small_client.post("/verify", json={"a": {"embedding": [1.0] * 128}, "b": {"embedding": [1.0] * 128}})
     assert ok.status_code == 200 and state.active_requests == 0
+
+
+def test_redis_down_is_503_for_what_needs_it(redis_available):
+    settings = make_settings(redis_url="redis://127.0.0.1:1/0")
+    with TestClient(create_app(settings)) as c:
+        if c.app.state.templates is None:
+            pytest.skip(f"templates are off: {c.app.state.templates_off}")
+        r = c.get("/templates/someone")
+        assert r.status_code == 503 and r.json()["error"]["code"] == "unavailable" and r.headers["Retry-After"] == "5"
+        assert c.post("/verify", json={"a": {"embedding": [1.0] * 128}, "b": {"embedding": [1.0] * 128}}).status_code == 200
