@@ -34,6 +34,8 @@ class SetConfig(_Strict):
     min_size: int = Field(2, ge=1)
     max_size: int = Field(16, ge=1)
     max_images: int = Field(32, ge=2, description="images of an identity a set is drawn from (a random subset).")
+    exclude_variants: list[str] = Field(default_factory=list, description="poor-frame kinds never put in a training "
+                                        "set (to measure generalisation to a degradation not trained on).")
 
 
 class OptimConfig(_Strict):

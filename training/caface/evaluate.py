@@ -1,16 +1,16 @@
 """Template-to-template verification: CAFace fusion vs the mean of normalised embeddings vs the magnitude-weighted mean.
 
     python -m training.caface.evaluate models/caface --features runs/caface/features/celeba-holdout.npz \\
-        [--features runs/caface/features/celeba-train.npz --identities runs/celeba-caface/eval_identities.txt] \\
+        [--subset runs/caface/features/celeba-train.npz runs/celeba-caface/eval_identities.txt] \\
         [--json runs/celeba-caface/evaluation.json]
 
-Each --features file (with an optional --identities list of the identities to keep, matched in
-order) is one evaluation set. Every identity with 2+ images gives two disjoint templates (its images
+Each --features file (all its identities) and each --subset file (only the identities listed) is one
+evaluation set. Every identity with 2+ images gives two disjoint templates (its images
 at even and odd positions, training.caface.sets.build_templates); all template pairs are scored
 (cosine of the fused features), TAR at each FAR whose FAR·impostors ≥ 1 (training.eval.templates).
 Conditions (training.caface.sets.CONDITIONS): "clean" (every image clean), "mixed" (every image clean
 and as its 4 poor frames: 1 good frame in 5), "one_good" (one clean image per template, every image
-as its 4 poor frames). The "clean-only mean" row fuses only the template's clean frames: an oracle
+as its 4 poor frames), "mixed_KIND" (every image clean and as its KIND frame only). The "clean-only mean" row fuses only the template's clean frames: an oracle
 that knows which frames are good, for reference. CAFace runs through the exported ONNX graphs
 (engines.fusion), as the service would. Numpy + ONNX Runtime only.
 """
@@ -103,19 +103,19 @@ def load_set(path: Path, identities: Path | None) -> tuple[str, Features]:
 def main(argv: Sequence[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("fusion", type=Path, help="fusion model folder (card.yaml, assign.onnx, aggregate.onnx)")
-    ap.add_argument("--features", type=Path, action="append", required=True)
-    ap.add_argument("--identities", type=Path, action="append", default=[],
-                    help="identity list for the --features of the same position (the rest: all identities)")
-    ap.add_argument("--conditions", nargs="+", default=CONDITIONS.names())
+    ap.add_argument("--features", type=Path, action="append", default=[], help="features .npz, every identity")
+    ap.add_argument("--subset", type=Path, nargs=2, action="append", default=[], metavar=("FEATURES", "IDENTITIES"),
+                    help="features .npz and a file of the identities to keep (one per line)")
+    ap.add_argument("--conditions", nargs="+", default=["clean", "mixed", "one_good"], choices=CONDITIONS.names())
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
     model = FusionModel.load(args.fusion)
     fusers = {"mean": baseline("mean"), "magnitude-weighted": baseline("magnitude"), "CAFace": caface(model),
               "clean-only mean": clean_only}
     report = {}
-    for k, path in enumerate(args.features):
-        name, features = load_set(path, args.identities[k] if k < len(args.identities) else None)
-        rows = evaluate_set(features, fusers, sorted(args.conditions, key=["clean", "mixed", "one_good"].index))
+    for path, identities in [(p, None) for p in args.features] + [tuple(s) for s in args.subset]:
+        name, features = load_set(path, identities)
+        rows = evaluate_set(features, fusers, args.conditions)
         report[name] = rows
         print(markdown(f"{name}: {len(features.identities)} identities, {len(features.labels)} images", rows), "\n")
     if args.json:

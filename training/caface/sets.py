@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -65,10 +65,11 @@ class SetSampler:
     """Random training sets of frames; `sample(batch)` -> (image rows (F,), variants (F,), set index (F,), labels (B,))."""
 
     def __init__(self, features: Features, min_size: int = 2, max_size: int = 16, max_images: int = 32,
-                 seed: int = 0) -> None:
+                 seed: int = 0, exclude_variants: Sequence[str] = ()) -> None:
         self.groups = [g for g in features.by_identity() if len(g) >= 2]
         self.labels = features.labels
-        self.variants = len(features.variants)
+        # the poor variants sets may use (exclude some to test generalisation to an unseen degradation)
+        self.poor = np.array([k for k, v in enumerate(features.variants) if k and v not in set(exclude_variants)])
         self.min_size, self.max_size, self.max_images = min_size, max_size, max_images
         self.rng = np.random.default_rng(seed)
 
@@ -78,7 +79,7 @@ class SetSampler:
         n = int(rng.integers(self.min_size, self.max_size + 1))
         clean_fraction = rng.uniform()
         # a clean or a poor variant per frame, then distinct (image, variant) pairs
-        wanted = np.where(rng.uniform(size=4 * n) < clean_fraction, 0, rng.integers(1, self.variants, size=4 * n))
+        wanted = np.where(rng.uniform(size=4 * n) < clean_fraction, 0, rng.choice(self.poor, size=4 * n))
         pairs = np.unique(np.stack([rng.integers(0, len(images), size=4 * n), wanted], 1), axis=0)
         pairs = pairs[rng.permutation(len(pairs))[:n]]  # (n', 2), n' ≤ n when the identity has few frames
         return images[pairs[:, 0]], pairs[:, 1]
@@ -115,6 +116,17 @@ def mixed_frames(position: int, size: int, variants: int) -> list[int]:
 def one_good_frames(position: int, size: int, variants: int) -> list[int]:
     """The template's first image clean and poor, every other image only as its poor frames."""
     return list(range(variants)) if position == 0 else list(range(1, variants))
+
+
+def _only(kind_index: int) -> Frames:
+    def frames(position: int, size: int, variants: int) -> list[int]:
+        return [0, kind_index]
+    frames.__doc__ = "Every image clean and as its one poor frame of a single degradation: 1 good frame in 2."
+    return frames
+
+
+for _k, _kind in enumerate(("blur", "lowres", "occlude", "noise"), start=1):  # features.VARIANTS[1:]
+    CONDITIONS.register(f"mixed_{_kind}")(_only(_k))
 
 
 def build_templates(features: Features, condition: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:

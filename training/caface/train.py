@@ -84,14 +84,17 @@ def lr_at(step: int, cfg: CAFaceConfig) -> float:
 
 
 @torch.no_grad()
-def validation_loss(model: CAFace, features: Features, centres: torch.Tensor, seed: int = 1) -> float:
-    """Centre loss on VALIDATION_SETS fixed random sets of identities never trained on."""
+def validation_loss(model: CAFace, features: Features, centres: torch.Tensor, seed: int = 1) -> tuple[float, float]:
+    """Centre loss on VALIDATION_SETS fixed random sets of identities never trained on: (CAFace, plain mean of f̂)."""
     model.eval()
     rows, variants, index, labels = SetSampler(features, seed=seed).sample(VALIDATION_SETS)
     raw, style = batch_tensors(features, rows, variants)
-    fused = model(raw, style, torch.from_numpy(index), VALIDATION_SETS)[0]
+    index_t, targets = torch.from_numpy(index), centres[torch.from_numpy(labels)]
+    fused = model(raw, style, index_t, VALIDATION_SETS)[0]
+    unit = raw / raw.norm(dim=1, keepdim=True)
+    mean = torch.zeros(VALIDATION_SETS, raw.shape[1]).index_add_(0, index_t, unit)  # (B, D)
     model.train()
-    return float(centre_loss(fused, centres[torch.from_numpy(labels)]))
+    return float(centre_loss(fused, targets)), float(centre_loss(mean, targets))
 
 
 def train(cfg: CAFaceConfig, run_dir: Path | None = None) -> Path:
@@ -107,7 +110,8 @@ def train(cfg: CAFaceConfig, run_dir: Path | None = None) -> Path:
     eval_centres = torch.from_numpy(class_centres(eval_set.embedding[:, 0], eval_set.labels, len(eval_set.identities)))
     model = build_model(cfg, card, train_set)
     optim = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
-    sampler = SetSampler(train_set, cfg.sets.min_size, cfg.sets.max_size, cfg.sets.max_images, seed=cfg.seed)
+    sampler = SetSampler(train_set, cfg.sets.min_size, cfg.sets.max_size, cfg.sets.max_images, seed=cfg.seed,
+                         exclude_variants=cfg.sets.exclude_variants)
     generator = torch.Generator().manual_seed(cfg.seed)
     step = 0
     checkpoint = run_dir / "checkpoint.pt"
@@ -137,9 +141,10 @@ def train(cfg: CAFaceConfig, run_dir: Path | None = None) -> Path:
             print(f"step {step}/{cfg.steps} loss {loss.item():.5f} centre {terms['centre']:.5f} "
                   f"sequential {terms['sequential']:.2e} ({time.time() - t0:.0f} s)", flush=True)
         if step % cfg.checkpoint_every == 0 or step == cfg.steps:
-            val = validation_loss(model, eval_set, eval_centres)
-            log.log(step, val_centre=val)
-            print(f"step {step}: validation centre loss {val:.5f} on {len(eval_set.identities)} held-out identities")
+            val, val_mean = validation_loss(model, eval_set, eval_centres)
+            log.log(step, val_centre=val, val_centre_plain_mean=val_mean)
+            print(f"step {step}: validation centre loss {val:.5f} (plain mean {val_mean:.5f}) on "
+                  f"{len(eval_set.identities)} held-out identities")
             atomic_torch_save({"model": model.state_dict(), "optim": optim.state_dict(), "step": step,
                                "sampler": sampler.rng.bit_generator.state, "generator": generator.get_state()},
                               checkpoint)
