@@ -25,12 +25,15 @@ retry it: a store can then refuse a repeated frame id without a half-counted fra
 f = Σ_m w_m ⊙ F_m, F_m = S_m / max(1, c_m), L2-normalised (D,) float32, the per-channel weights
 w (M, D) (softmax over m), and the template quality in [0, 1]:
 
-    q = clip((Σ_m ω_m n̄_m − low) / (high − low), 0, 1),   n̄_m = T_m[K−1] / c_m,   ω_m = mean_d w_{m,d}
+    q = clip((Σ_m ω_m n̄_m − low)/(high − low), 0, 1) · (1 − exp(−Σ_m ω_m c_m / τ))
+    n̄_m = T_m[K−1] / c_m (mean raw magnitude in cluster m),   ω_m = mean_d w_{m,d}
 
-the recognition card's magnitude-to-quality map applied to the fusion-weighted mean raw magnitude:
-the MagFace quality of the frames the template leans on. A template of poor frames stays low; a good
-frame raises it as far as the network lets that frame's cluster dominate. The graphs run in float32
-(the memory is cast on the way in).
+The first factor is the recognition card's magnitude-to-quality map applied to the fusion-weighted
+mean magnitude: the MagFace quality of the frames the template leans on (poor frames alone keep it
+low). The second is the evidence: it grows with the frames in the clusters the template leans on
+(τ = card.quality.evidence_frames; 1 frame 0.39, 2 0.63, 4 0.86 at τ = 2), so every good frame
+raises q, and poor frames, weighted down, raise it little. The graphs run in float32 (the memory
+is cast on the way in).
 """
 from __future__ import annotations
 
@@ -84,10 +87,12 @@ class RecognitionModel(_Strict):
 
 
 class FusionQuality(_Strict):
-    method: Literal["fusion_weighted_magnitude"] = Field(
-        "fusion_weighted_magnitude", description="q = clip((Σ_m ω_m n̄_m − low)/(high − low), 0, 1), ω_m = mean_d w_m.")
+    method: Literal["weighted_magnitude_times_evidence"] = Field(
+        "weighted_magnitude_times_evidence", description="q = clip((Σ_m ω_m n̄_m − low)/(high − low), 0, 1) · "
+        "(1 − exp(−Σ_m ω_m c_m / evidence_frames)), ω_m = mean_d w_{m,d}, n̄_m = T_m[magnitude_index]/c_m.")
     low: float = Field(description="Magnitude of quality 0 (the recognition card's quality.low).")
     high: float = Field(description="Magnitude of quality 1 (the recognition card's quality.high).")
+    evidence_frames: float = Field(gt=0, description="τ: frames of evidence at which the second factor is 1 − 1/e.")
 
 
 class FusionParity(_Strict):

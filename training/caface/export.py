@@ -150,7 +150,7 @@ def card_data(ck: dict, recognition: ModelCard, name: str, version: str, command
                         "tta": ("flip TTA as the recognition card says: raw embedding f(x) + f(mirror x), style "
                                 "(σ(x) + σ(mirror x))/2 (training.caface.features.style_with_tta)"
                                 if recognition.flip_tta else "no TTA")},
-        "quality": {"low": low, "high": high},
+        "quality": {"low": low, "high": high, "evidence_frames": arch.get("evidence_frames", 2.0)},
         "training": {
             "data": (f"features of the default model's CelebA training split (aligned by our MTCNN to dlib_150), "
                      f"{ck['training_identities']} identities, every {cfg['features']['eval_every']}-th multi-image "

@@ -25,6 +25,8 @@ Aggregation Network (AGN), on the memory alone
     z_m  = MLP([s̄_m (magnitude as ñ); p_m; a_m]) + E_m, then one transformer block over the M tokens
     w_m  = softmax_m(log(p_m + ε) + W_o z_m)        (M, D) per-channel weights
     f    = Σ_m w_m ⊙ F_m, returned L2-normalised
+    q    = clip((Σ_m ω_m s̄_m[K−1] − low)/(high − low), 0, 1) · (1 − exp(−Σ_m ω_m c_m / τ)),  ω_m = mean_d w_{m,d}
+           the template quality (`AggregationNetwork.quality`)
 
 With W_o z = 0 the weights are the shares and f is the plain mean of f̂ (for c_m ≥ 1): the network
 starts at the averaging baseline and learns where to depart from it.
@@ -64,6 +66,7 @@ class FusionArch(BaseModel):
     heads: int = Field(4, gt=0, description="attention heads (divide width).")
     depth: int = Field(2, gt=0, description="transformer blocks in the cluster network.")
     stored_style: int = Field(15, gt=0, description="K − 1: learned components of the stored style s_i (‖f_i‖ is the K-th).")
+    evidence_frames: float = Field(2.0, gt=0, description="τ of the template quality's evidence term 1 − exp(−N_w/τ).")
 
 
 class Block(nn.Module):
@@ -149,6 +152,7 @@ class AggregationNetwork(nn.Module):
         super().__init__()
         k = arch.stored_style + 1
         self.register_buffer("quality_range", torch.tensor([quality_low, quality_high]))
+        self.evidence_frames = arch.evidence_frames
         self.embed = nn.Sequential(nn.Linear(k + 2, arch.width), nn.GELU(), nn.Linear(arch.width, arch.width))
         self.cluster_embedding = nn.Parameter(torch.randn(arch.clusters, arch.width) * 0.02)  # E (M, d)
         self.mixer = Block(arch.width, arch.heads)
@@ -173,12 +177,19 @@ class AggregationNetwork(nn.Module):
         z = self.norm(self.mixer(self.embed(features) + self.cluster_embedding))  # (B, M, d)
         weights = torch.softmax(torch.log(share + EPS).unsqueeze(-1) + self.out(z), dim=1)  # (B, M, D), Σ_m = 1
         fused = F.normalize((weights * cluster).sum(dim=1), dim=-1)  # (B, D)
-        return fused, weights, self.quality(weights, magnitude)
+        return fused, weights, self.quality(weights, magnitude, counts)
 
-    def quality(self, weights: torch.Tensor, magnitude: torch.Tensor) -> torch.Tensor:
-        """q = clip((Σ_m ω_m n̄_m − low)/(high − low), 0, 1), ω_m = mean_d w_{m,d}: the fusion-weighted magnitude's quality."""
-        template_magnitude = (weights.mean(dim=-1) * magnitude).sum(dim=1)  # (B,)
-        return self.normalised_magnitude(template_magnitude).clamp(0.0, 1.0)
+    def quality(self, weights: torch.Tensor, magnitude: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """q = clip((Σ_m ω_m n̄_m − low)/(high − low), 0, 1) · (1 − exp(−Σ_m ω_m c_m / τ)), ω_m = mean_d w_{m,d}.
+
+        The first factor is the MagFace quality of the fusion-weighted mean magnitude (the frames the
+        template leans on); the second grows with the number of frames in the clusters it leans on, so
+        every good frame raises the quality and poor frames, weighted down, raise it little.
+        """
+        omega = weights.mean(dim=-1)  # (B, M)
+        template_magnitude = (omega * magnitude).sum(dim=1)  # (B,)
+        evidence = 1.0 - torch.exp(-(omega * counts).sum(dim=1) / self.evidence_frames)  # (B,)
+        return self.normalised_magnitude(template_magnitude).clamp(0.0, 1.0) * evidence
 
 
 class CAFace(nn.Module):

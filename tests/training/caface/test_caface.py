@@ -87,7 +87,8 @@ def test_fresh_aggregation_is_the_plain_mean():
     torch.testing.assert_close(fused[0], expected, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(weights[0, :, 0], counts[0] / 64, rtol=1e-4, atol=1e-6)
     magnitude = (counts[0] / 64 * style_sums[0, :, -1] / counts[0]).sum()  # ω_m = p_m
-    torch.testing.assert_close(quality[0], ((magnitude - 38) / 12).clamp(0, 1))
+    evidence = 1 - math.exp(-float((counts[0] / 64 * counts[0]).sum()) / TINY.evidence_frames)
+    torch.testing.assert_close(quality[0], ((magnitude - 38) / 12).clamp(0, 1) * evidence)
 
 
 def test_loss_terms_against_their_formula():
