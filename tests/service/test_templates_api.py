@@ -153,7 +153,7 @@ def test_concurrent_writers_through_the_api_lose_nothing(client, settings, frame
     store = templates.store
     blob = redis.Redis.from_url(settings.redis_url.get_secret_value()).hget(store.keys(tid)[0], "sum")
     counts = as_memory(np.frombuffer(blob, "<f8"), templates.fusion).counts
-    assert counts.sum() == pytest.approx(200, abs=1e-9)  # each frame's assignment sums to 1
+    assert counts.sum() == pytest.approx(200, abs=1e-3)  # each frame's assignment sums to 1 (in float32)
 
 
 def test_unknown_and_deleted_templates_are_404(client, settings, frames):
