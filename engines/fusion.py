@@ -8,7 +8,8 @@
 
 `assign` (ONNX graph "assign") maps each frame on its own, never looking at other frames, to its
 assignment A_i (M,) over the M clusters (Σ_m A_{m,i} = 1), its unit embedding f̂_i = f_i/‖f_i‖ (D,)
-and its stored style s_i (K,) whose entry `magnitude_index` (the last) is ‖f_i‖. The memory of a
+and its stored style s_i (K,): learned components, then the frame's quality r_i (entry
+`frame_quality_index`, K − 2) and its raw magnitude ‖f_i‖ (entry `magnitude_index`, K − 1). The memory of a
 template is the per-cluster sums over its frames
 
     S_m = Σ_i A_{m,i} f̂_i  (M, D)     T_m = Σ_i A_{m,i} s_i  (M, K)     c_m = Σ_i A_{m,i}  (M,)
@@ -25,15 +26,16 @@ retry it: a store can then refuse a repeated frame id without a half-counted fra
 f = Σ_m w_m ⊙ F_m, F_m = S_m / max(1, c_m), L2-normalised (D,) float32, the per-channel weights
 w (M, D) (softmax over m), and the template quality in [0, 1]:
 
-    q = clip((Σ_m ω_m n̄_m − low)/(high − low), 0, 1) · (1 − exp(−Σ_m ω_m c_m / τ))
-    n̄_m = T_m[K−1] / c_m (mean raw magnitude in cluster m),   ω_m = mean_d w_{m,d}
+    q = 1 − exp(−Σ_m T_m[r] / τ) = 1 − exp(−Σ_i r_i / τ),   τ = card.quality.evidence_frames
 
-The first factor is the recognition card's magnitude-to-quality map applied to the fusion-weighted
-mean magnitude: the MagFace quality of the frames the template leans on (poor frames alone keep it
-low). The second is the evidence: it grows with the frames in the clusters the template leans on
-(τ = card.quality.evidence_frames; 1 frame 0.39, 2 0.63, 4 0.86 at τ = 2), so every good frame
-raises q, and poor frames, weighted down, raise it little. The graphs run in float32 (the memory
-is cast on the way in).
+where r_i = s_i[card.frame_quality_index] ∈ [0, 1] is each frame's quality, computed by the assign
+graph from that frame alone (its style statistics and magnitude) and trained to predict
+clip((cos(f̂_i, W_y^(−i)) − a)/(b − a), 0, 1), the frame's cosine to the person's other photos
+((a, b) = card.quality.frame_quality_range). So q is the evidence the template has gathered: every
+frame raises it by its own r_i (a good frame a lot, a blurred or occluded one little), in any order,
+and it is a function of the memory. With τ = 2, one perfect frame gives 0.39, two 0.63, four 0.86.
+`FrameContribution.frame_quality` gives r_i, e.g. to report frames below a floor. The graphs run in
+float32 (the memory is cast on the way in).
 """
 from __future__ import annotations
 
@@ -87,12 +89,14 @@ class RecognitionModel(_Strict):
 
 
 class FusionQuality(_Strict):
-    method: Literal["weighted_magnitude_times_evidence"] = Field(
-        "weighted_magnitude_times_evidence", description="q = clip((Σ_m ω_m n̄_m − low)/(high − low), 0, 1) · "
-        "(1 − exp(−Σ_m ω_m c_m / evidence_frames)), ω_m = mean_d w_{m,d}, n̄_m = T_m[magnitude_index]/c_m.")
-    low: float = Field(description="Magnitude of quality 0 (the recognition card's quality.low).")
-    high: float = Field(description="Magnitude of quality 1 (the recognition card's quality.high).")
-    evidence_frames: float = Field(gt=0, description="τ: frames of evidence at which the second factor is 1 − 1/e.")
+    method: Literal["frame_quality_evidence"] = Field(
+        "frame_quality_evidence", description="q = 1 − exp(−Σ_i r_i / evidence_frames), r_i the per-frame quality "
+        "(stored style entry frame_quality_index), summed in the memory as Σ_m T_m[frame_quality_index].")
+    low: float = Field(description="The recognition card's quality.low: magnitudes enter the network as (‖f‖ − low)/(high − low).")
+    high: float = Field(description="The recognition card's quality.high.")
+    evidence_frames: float = Field(gt=0, description="τ: frames of quality 1 that bring q to 1 − 1/e.")
+    frame_quality_range: list[float] = Field(min_length=2, max_length=2, description="(a, b): r_i is trained towards "
+                                             "clip((cos(f̂_i, centre of the person's other photos) − a)/(b − a), 0, 1).")
 
 
 class FusionParity(_Strict):
@@ -115,6 +119,7 @@ class FusionCard(_Strict):
     embedding_size: int = Field(gt=0, description="D.")
     style_size: int = Field(gt=0, description="S, the recognition model's style width.")
     stored_style_size: int = Field(gt=0, description="K, the stored style per frame.")
+    frame_quality_index: int = Field(description="Entry of the stored style holding the frame quality r_i (K − 2).")
     magnitude_index: int = Field(description="Entry of the stored style holding ‖f_i‖ (K − 1).")
     memory_dtype: Literal["float64"] = Field("float64", description="Sums are kept in float64; the graphs take float32.")
     recognition: RecognitionModel
@@ -168,7 +173,17 @@ class FrameContribution(NamedTuple):
 
     assignment: np.ndarray  # (N, M) float32, rows sum to 1
     unit_embedding: np.ndarray  # (N, D) float32, f̂_i
-    style: np.ndarray  # (N, K) float32, s_i; style[:, magnitude_index] = ‖f_i‖
+    style: np.ndarray  # (N, K) float32, s_i; s_i[K − 2] = r_i (frame quality), s_i[K − 1] = ‖f_i‖
+
+    @property
+    def frame_quality(self) -> np.ndarray:
+        """r_i (N,) in [0, 1]: each frame's own quality (the stored style's entry K − 2)."""
+        return self.style[:, -2]
+
+    @property
+    def magnitude(self) -> np.ndarray:
+        """‖f_i‖ (N,): the raw embedding's magnitude (the stored style's last entry)."""
+        return self.style[:, -1]
 
     def frame(self, i: int) -> FrameContribution:
         return FrameContribution(self.assignment[i : i + 1], self.unit_embedding[i : i + 1], self.style[i : i + 1])

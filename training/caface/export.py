@@ -143,14 +143,16 @@ def card_data(ck: dict, recognition: ModelCard, name: str, version: str, command
         "files": {"assign": {"path": "assign.onnx", "sha256": "0" * 64},
                   "aggregate": {"path": "aggregate.onnx", "sha256": "0" * 64}},
         "clusters": arch["clusters"], "embedding_size": arch["embedding_size"], "style_size": arch["style_size"],
-        "stored_style_size": arch["stored_style"] + 1, "magnitude_index": arch["stored_style"],
+        "stored_style_size": arch["stored_style"] + 2, "frame_quality_index": arch["stored_style"],
+        "magnitude_index": arch["stored_style"] + 1,
         "recognition": {"name": recognition.name, "version": recognition.version,
                         "onnx_sha256": recognition.files.onnx.sha256,
                         "style_channels": list(recognition.outputs.style_channels or []),
                         "tta": ("flip TTA as the recognition card says: raw embedding f(x) + f(mirror x), style "
                                 "(σ(x) + σ(mirror x))/2 (training.caface.features.style_with_tta)"
                                 if recognition.flip_tta else "no TTA")},
-        "quality": {"low": low, "high": high, "evidence_frames": arch.get("evidence_frames", 2.0)},
+        "quality": {"low": low, "high": high, "evidence_frames": arch["evidence_frames"],
+                    "frame_quality_range": list(arch["frame_quality_range"])},
         "training": {
             "data": (f"features of the default model's CelebA training split (aligned by our MTCNN to dlib_150), "
                      f"{ck['training_identities']} identities, every {cfg['features']['eval_every']}-th multi-image "
@@ -160,7 +162,8 @@ def card_data(ck: dict, recognition: ModelCard, name: str, version: str, command
             "recipe": f"training/recipes/caface.sh (python -m training.caface.train {cfg['name']})",
             "notes": (f"{ck['step']} steps of {cfg['batch_sets']} sets of {cfg['sets']['min_size']}-"
                       f"{cfg['sets']['max_size']} frames; loss mean(1 - cos(f, W_y)) + (1 - cos(f_seq, f)), W_y fixed "
-                      f"class centres from clean crops; AdamW lr {cfg['optim']['lr']}, wd {cfg['optim']['weight_decay']}"),
+                      f"class centres from clean crops; the frame quality r_i learns its target by squared error (detached); "
+                      f"AdamW lr {cfg['optim']['lr']}, wd {cfg['optim']['weight_decay']}"),
         },
         "licence": LICENCE,
         "provenance": {"source": f"{source.name}: faceset CAFace fusion network (training.caface.train)",
@@ -186,7 +189,7 @@ def export_fusion(checkpoint: str | Path, out_dir: str | Path, recognition_card:
     finals = {"assign": out_dir / "assign.onnx", "aggregate": out_dir / "aggregate.onnx"}
     tmps = {key: temp_path_beside(path) for key, path in finals.items()}
     try:
-        m, d, k = arch.clusters, arch.embedding_size, arch.stored_style + 1
+        m, d, k = arch.clusters, arch.embedding_size, arch.stored_style + 2
         export_graph(AssignGraph(model), (torch.randn(3, d), torch.randn(3, arch.style_size)), tmps["assign"],
                      ASSIGN_INPUTS, ASSIGN_OUTPUTS, {n: {0: "frames"} for n in (*ASSIGN_INPUTS, *ASSIGN_OUTPUTS)})
         export_graph(AggregateGraph(model), (torch.rand(m, d), torch.rand(m, k), torch.rand(m) + 1), tmps["aggregate"],

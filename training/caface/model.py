@@ -12,7 +12,8 @@ Style Input Maker (SIM)
 Cluster Network (CN), per frame
     tokens [G_1 … G_M, x_i] → `depth` pre-norm transformer blocks → [G'_{i,1} … G'_{i,M}, x'_i]
     A_{m,i} = softmax_m ⟨W_q G'_{i,m}, W_k x'_i⟩ / √d          (M,) per frame, Σ_m A_{m,i} = 1
-    s_i     = [W_s x'_i; ‖f_i‖]                               (K,) the stored style; its last entry is ‖f_i‖
+    r_i     = sigmoid(MLP(x'_i))                              the frame's quality in [0, 1] (x'_i detached)
+    s_i     = [W_s x'_i; r_i; ‖f_i‖]                          (K,) the stored style; r_i at K−2, ‖f_i‖ at K−1
 
 Memory (what a template keeps, whatever the number of frames)
     S_m = Σ_i A_{m,i} f̂_i  (M, D)     T_m = Σ_i A_{m,i} s_i  (M, K)     c_m = Σ_i A_{m,i}  (M,)
@@ -25,8 +26,8 @@ Aggregation Network (AGN), on the memory alone
     z_m  = MLP([s̄_m (magnitude as ñ); p_m; a_m]) + E_m, then one transformer block over the M tokens
     w_m  = softmax_m(log(p_m + ε) + W_o z_m)        (M, D) per-channel weights
     f    = Σ_m w_m ⊙ F_m, returned L2-normalised
-    q    = clip((Σ_m ω_m s̄_m[K−1] − low)/(high − low), 0, 1) · (1 − exp(−Σ_m ω_m c_m / τ)),  ω_m = mean_d w_{m,d}
-           the template quality (`AggregationNetwork.quality`)
+    q    = 1 − exp(−Σ_m T_m[K−2] / τ) = 1 − exp(−Σ_i r_i / τ)   the template quality: the evidence of its good
+           frames; every frame raises it by its own r_i, so it grows with each good frame and barely with poor ones
 
 With W_o z = 0 the weights are the shares and f is the plain mean of f̂ (for c_m ≥ 1): the network
 starts at the averaging baseline and learns where to depart from it.
@@ -65,8 +66,10 @@ class FusionArch(BaseModel):
     width: int = Field(64, gt=0, description="d, token width in the cluster and aggregation networks.")
     heads: int = Field(4, gt=0, description="attention heads (divide width).")
     depth: int = Field(2, gt=0, description="transformer blocks in the cluster network.")
-    stored_style: int = Field(15, gt=0, description="K − 1: learned components of the stored style s_i (‖f_i‖ is the K-th).")
-    evidence_frames: float = Field(2.0, gt=0, description="τ of the template quality's evidence term 1 − exp(−N_w/τ).")
+    stored_style: int = Field(14, gt=0, description="K − 2: learned components of the stored style s_i (then r_i, ‖f_i‖).")
+    frame_quality_range: tuple[float, float] = Field((0.88, 0.97), description="(a, b): the frame quality r_i is "
+                                                     "trained towards clip((cos(f̂_i, W_y^(−i)) − a)/(b − a), 0, 1).")
+    evidence_frames: float = Field(2.0, gt=0, description="τ: template quality q = 1 − exp(−Σ_i r_i / τ).")
 
 
 class Block(nn.Module):
@@ -124,7 +127,7 @@ class StyleInputMaker(nn.Module):
 
 
 class ClusterNetwork(nn.Module):
-    """Frame tokens x (N, d) -> assignment A (N, M) and learned stored-style part (N, K − 1), frame by frame."""
+    """Frame tokens x (N, d) -> assignment A (N, M), learned stored-style part (N, K − 2), quality r (N,), frame by frame."""
 
     def __init__(self, arch: FusionArch) -> None:
         super().__init__()
@@ -133,8 +136,9 @@ class ClusterNetwork(nn.Module):
         self.norm = nn.LayerNorm(arch.width)
         self.query, self.key = nn.Linear(arch.width, arch.width), nn.Linear(arch.width, arch.width)
         self.stored = nn.Linear(arch.width, arch.stored_style)
+        self.frame_quality = nn.Sequential(nn.Linear(arch.width, arch.width), nn.GELU(), nn.Linear(arch.width, 1))
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         n, d = x.shape
         tokens = torch.cat([self.clusters.unsqueeze(0).expand(n, -1, -1), x.unsqueeze(1)], dim=1)  # (N, M + 1, d)
         for block in self.blocks:  # attention within each frame's own M + 1 tokens: frames never meet
@@ -142,7 +146,8 @@ class ClusterNetwork(nn.Module):
         tokens = self.norm(tokens)
         g, xi = tokens[:, :-1], tokens[:, -1]  # (N, M, d), (N, d)
         logits = torch.einsum("nmd,nd->nm", self.query(g), self.key(xi)) / math.sqrt(d)  # (N, M)
-        return torch.softmax(logits, dim=1), self.stored(xi)
+        quality = torch.sigmoid(self.frame_quality(xi.detach()))[:, 0]  # (N,); its loss leaves the tokens alone
+        return torch.softmax(logits, dim=1), self.stored(xi), quality
 
 
 class AggregationNetwork(nn.Module):
@@ -150,7 +155,7 @@ class AggregationNetwork(nn.Module):
 
     def __init__(self, arch: FusionArch, quality_low: float, quality_high: float) -> None:
         super().__init__()
-        k = arch.stored_style + 1
+        k = arch.stored_style + 2
         self.register_buffer("quality_range", torch.tensor([quality_low, quality_high]))
         self.evidence_frames = arch.evidence_frames
         self.embed = nn.Sequential(nn.Linear(k + 2, arch.width), nn.GELU(), nn.Linear(arch.width, arch.width))
@@ -172,24 +177,17 @@ class AggregationNetwork(nn.Module):
         share = counts / counts.sum(dim=1, keepdim=True).clamp(min=EPS)  # p_m (B, M)
         agreement = sums.norm(dim=-1) / counts.clamp(min=EPS)  # a_m (B, M)
         magnitude = mean_style[..., -1]  # (B, M) count-weighted mean ‖f‖ per cluster
-        features = torch.cat([mean_style[..., :-1], self.normalised_magnitude(magnitude).unsqueeze(-1),
-                              share.unsqueeze(-1), agreement.unsqueeze(-1)], dim=-1)  # (B, M, K + 2)
+        features = torch.cat([mean_style[..., :-2], mean_style[..., -2:-1].detach(),  # r̄_m read, not trained here
+                              self.normalised_magnitude(magnitude).unsqueeze(-1), share.unsqueeze(-1),
+                              agreement.unsqueeze(-1)], dim=-1)  # (B, M, K + 2)
         z = self.norm(self.mixer(self.embed(features) + self.cluster_embedding))  # (B, M, d)
         weights = torch.softmax(torch.log(share + EPS).unsqueeze(-1) + self.out(z), dim=1)  # (B, M, D), Σ_m = 1
         fused = F.normalize((weights * cluster).sum(dim=1), dim=-1)  # (B, D)
-        return fused, weights, self.quality(weights, magnitude, counts)
+        return fused, weights, self.quality(style_sums)
 
-    def quality(self, weights: torch.Tensor, magnitude: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        """q = clip((Σ_m ω_m n̄_m − low)/(high − low), 0, 1) · (1 − exp(−Σ_m ω_m c_m / τ)), ω_m = mean_d w_{m,d}.
-
-        The first factor is the MagFace quality of the fusion-weighted mean magnitude (the frames the
-        template leans on); the second grows with the number of frames in the clusters it leans on, so
-        every good frame raises the quality and poor frames, weighted down, raise it little.
-        """
-        omega = weights.mean(dim=-1)  # (B, M)
-        template_magnitude = (omega * magnitude).sum(dim=1)  # (B,)
-        evidence = 1.0 - torch.exp(-(omega * counts).sum(dim=1) / self.evidence_frames)  # (B,)
-        return self.normalised_magnitude(template_magnitude).clamp(0.0, 1.0) * evidence
+    def quality(self, style_sums: torch.Tensor) -> torch.Tensor:
+        """q = 1 − exp(−Σ_m T_m[K−2] / τ) = 1 − exp(−Σ_i r_i / τ) (B,): the evidence of the template's good frames."""
+        return 1.0 - torch.exp(-style_sums[..., -2].sum(dim=1) / self.evidence_frames)
 
 
 class CAFace(nn.Module):
@@ -209,9 +207,9 @@ class CAFace(nn.Module):
     def assign(self, raw: torch.Tensor, style: torch.Tensor):
         """Frames (raw (N, D), σ (N, S)) -> A (N, M), f̂ (N, D), stored style s (N, K); each row from its own frame only."""
         norms = raw.norm(dim=1)  # (N,)
-        assignment, learned = self.cluster(self.sim(norms, style))
+        assignment, learned, quality = self.cluster(self.sim(norms, style))
         unit = raw / norms.clamp(min=EPS).unsqueeze(1)
-        return assignment, unit, torch.cat([learned, norms.unsqueeze(1)], dim=1)
+        return assignment, unit, torch.cat([learned, quality.unsqueeze(1), norms.unsqueeze(1)], dim=1)  # (N, K)
 
     @staticmethod
     def memory(assignment, unit, stored, set_index: torch.Tensor, num_sets: int):

@@ -27,7 +27,7 @@ import torch
 
 from engines.model_card import ModelCard
 from training.caface.config import CAFaceConfig, load_caface_config
-from training.caface.loss import caface_loss, centre_loss, class_centres
+from training.caface.loss import caface_loss, centre_loss, class_centres, frame_quality_targets
 from training.caface.model import CAFace
 from training.caface.sets import Features, SetSampler, split_identities
 from training.checkpoint import atomic_torch_save
@@ -109,6 +109,8 @@ def train(cfg: CAFaceConfig, run_dir: Path | None = None) -> Path:
     centres = torch.from_numpy(class_centres(train_set.embedding[:, 0], train_set.labels, len(train_set.identities)))
     eval_centres = torch.from_numpy(class_centres(eval_set.embedding[:, 0], eval_set.labels, len(eval_set.identities)))
     model = build_model(cfg, card, train_set)
+    targets = frame_quality_targets(train_set.embedding, train_set.labels, len(train_set.identities),
+                                    *cfg.arch.frame_quality_range)  # (N, V)
     optim = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
     sampler = SetSampler(train_set, cfg.sets.min_size, cfg.sets.max_size, cfg.sets.max_images, seed=cfg.seed,
                          exclude_variants=cfg.sets.exclude_variants)
@@ -129,9 +131,11 @@ def train(cfg: CAFaceConfig, run_dir: Path | None = None) -> Path:
         rows, variants, index, labels = sampler.sample(cfg.batch_sets)
         raw, style = batch_tensors(train_set, rows, variants)
         index_t = torch.from_numpy(index)
-        fused = model(raw, style, index_t, cfg.batch_sets)[0]
+        assignment, unit, stored = model.assign(raw, style)
+        fused = model.aggregate(*model.memory(assignment, unit, stored, index_t, cfg.batch_sets))[0]
         sequential = sequential_fusion(model, raw, style, index_t, cfg.batch_sets, generator)
-        loss, terms = caface_loss(fused, sequential, centres[torch.from_numpy(labels)])
+        loss, terms = caface_loss(fused, sequential, centres[torch.from_numpy(labels)], stored[:, -2],
+                                  torch.from_numpy(targets[rows, variants]))
         optim.zero_grad(set_to_none=True)
         loss.backward()
         optim.step()
@@ -139,7 +143,8 @@ def train(cfg: CAFaceConfig, run_dir: Path | None = None) -> Path:
         if step % cfg.log_every == 0 or step == cfg.steps:
             log.log(step, loss=loss.item(), lr=lr_at(step - 1, cfg), frames=len(rows), **terms)
             print(f"step {step}/{cfg.steps} loss {loss.item():.5f} centre {terms['centre']:.5f} "
-                  f"sequential {terms['sequential']:.2e} ({time.time() - t0:.0f} s)", flush=True)
+                  f"sequential {terms['sequential']:.2e} frame quality {terms['frame_quality']:.4f} ({time.time() - t0:.0f} s)",
+                  flush=True)
         if step % cfg.checkpoint_every == 0 or step == cfg.steps:
             val, val_mean = validation_loss(model, eval_set, eval_centres)
             log.log(step, val_centre=val, val_centre_plain_mean=val_mean)

@@ -13,7 +13,14 @@ from engines.fusion import FusionModel, Memory
 from engines.model_card import ModelCard
 from training.caface.config import caface_configs, load_caface_config
 from training.caface.export import export_fusion
-from training.caface.loss import caface_loss, centre_loss, class_centres, sequential_loss
+from training.caface.loss import (
+    caface_loss,
+    centre_loss,
+    class_centres,
+    frame_quality_loss,
+    frame_quality_targets,
+    sequential_loss,
+)
 from training.caface.model import CAFace, FusionArch
 from training.caface.sets import Features, SetSampler, build_templates
 from training.caface.train import train
@@ -22,7 +29,7 @@ from .synthetic import synthetic_features
 
 REPO = Path(__file__).resolve().parents[3]
 TINY = FusionArch(embedding_size=16, style_size=12, clusters=4, style_dim=8, norm_dim=4, width=16, heads=2, depth=1,
-                  stored_style=3)
+                  stored_style=3, evidence_frames=2.0)
 
 
 def tiny_model(seed: int = 0) -> CAFace:
@@ -54,6 +61,7 @@ def test_a_frames_assignment_ignores_the_other_frames():
     torch.testing.assert_close(a_mixed[:3], a_all[:3], rtol=0, atol=1e-6)
     torch.testing.assert_close(a_all.sum(1), torch.ones(10))
     assert torch.allclose(s_all[:, -1], raw.norm(dim=1)) and torch.allclose(f_all.norm(dim=1), torch.ones(10))
+    assert s_all.shape == (10, TINY.stored_style + 2) and bool(((s_all[:, -2] > 0) & (s_all[:, -2] < 1)).all())
 
 
 @torch.no_grad()
@@ -73,6 +81,15 @@ def test_memory_is_the_same_whatever_the_order_and_batching():
         assert float(torch.dot(model.aggregate(*memory)[0][0], fused_reference[0])) >= 0.99999
 
 
+def test_learning_the_frame_quality_leaves_the_fusion_alone():
+    model = tiny_model()
+    raw, style = frames(12)
+    stored = model.assign(raw, style)[2]
+    frame_quality_loss(stored[:, -2], torch.full((12,), 0.7)).backward()
+    touched = {name for name, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    assert touched and all(name.startswith("cluster.frame_quality.") for name in touched)
+
+
 @torch.no_grad()
 def test_fresh_aggregation_is_the_plain_mean():
     """The output layer starts at zero: w_m = p_m and, with every c_m ≥ 1, f = normalise(mean f̂)."""
@@ -86,9 +103,8 @@ def test_fresh_aggregation_is_the_plain_mean():
     expected = unit.mean(0) / unit.mean(0).norm()
     torch.testing.assert_close(fused[0], expected, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(weights[0, :, 0], counts[0] / 64, rtol=1e-4, atol=1e-6)
-    magnitude = (counts[0] / 64 * style_sums[0, :, -1] / counts[0]).sum()  # ω_m = p_m
-    evidence = 1 - math.exp(-float((counts[0] / 64 * counts[0]).sum()) / TINY.evidence_frames)
-    torch.testing.assert_close(quality[0], ((magnitude - 38) / 12).clamp(0, 1) * evidence)
+    r = model.assign(raw, style)[2][:, -2]  # each frame's quality
+    torch.testing.assert_close(quality[0], 1 - torch.exp(-r.sum() / TINY.evidence_frames))
 
 
 def test_loss_terms_against_their_formula():
@@ -100,6 +116,15 @@ def test_loss_terms_against_their_formula():
     assert sequential_loss(sequential, fused).item() == pytest.approx((1 - 1 / math.sqrt(2)) / 2, abs=1e-7)
     total, terms = caface_loss(fused, sequential, centres)
     assert total.item() == pytest.approx(terms["centre"] + terms["sequential"], abs=1e-7)
+    r, t = torch.tensor([0.5, 0.9, 0.0]), torch.tensor([1.0, 0.6, 0.0])
+    expected_quality = (0.25 + 0.09 + 0.0) / 3
+    assert frame_quality_loss(r, t).item() == pytest.approx(expected_quality, abs=1e-7)
+    total, terms = caface_loss(fused, sequential, centres, r, t)
+    assert total.item() == pytest.approx(expected_centre + terms["sequential"] + expected_quality, abs=1e-6)
+    # targets: image 0's frames against image 1's clean direction, and the reverse
+    emb = np.array([[[1.0, 0.0], [0.6, 0.8]], [[0.0, 2.0], [0.0, 1.0]]])  # (N=2, V=2, D=2), one identity
+    targets = frame_quality_targets(emb, np.array([0, 0]), 1, low=0.5, high=1.0)
+    np.testing.assert_allclose(targets, [[0.0, (0.8 - 0.5) / 0.5], [0.0, 0.0]], atol=1e-6)
     w = class_centres(np.array([[3.0, 0.0], [0.0, 1.0], [0.0, -5.0]]), np.array([0, 0, 1]), 2)
     np.testing.assert_allclose(w, [[1 / math.sqrt(2), 1 / math.sqrt(2)], [0.0, -1.0]], atol=1e-7)
 
