@@ -43,3 +43,11 @@ python -m training.caface.evaluate "$OUT" \
   --subset "$FEATURES/celeba-train.npz" "$RUNS/celeba-caface/eval_identities.txt" \
   --conditions clean mixed one_good mixed_blur mixed_lowres mixed_occlude mixed_noise \
   --json "$RUNS/celeba-caface/evaluation.json"
+
+# 5. (optional, ~6 min) generalisation to a degradation never trained on: train without occluded frames,
+#    evaluate on sets whose poor frames are occluded (benchmarks/RESULTS.md, "CAFace template fusion")
+# python -m training.caface.train celeba-caface --set name=celeba-caface-no-occlude --set "sets.exclude_variants=[occlude]"
+# python -m training.caface.export "$RUNS/celeba-caface-no-occlude/caface.pt" --out "$RUNS/celeba-caface-no-occlude/model" \
+#   --recognition-card "$CARD" --parity-features "$FEATURES/celeba-holdout.npz"
+# python -m training.caface.evaluate "$RUNS/celeba-caface-no-occlude/model" --features "$FEATURES/celeba-holdout.npz" \
+#   --conditions mixed mixed_occlude
