@@ -3,8 +3,9 @@
     fusion = FusionModel.load("models/caface")                    # a card.yaml or its folder
     frames = fusion.assign(raw_embeddings, style)                  # (N, D), (N, S) from the recognition card's
                                                                    # engine (flip TTA; style = mean over the views)
-    memory = Memory.empty(fusion); memory.add(frames)              # or add fusion.memory_delta(frames) to Redis
-    template = fusion.aggregate(*memory.state)                     # unit embedding (D,), quality, weights (M, D)
+    memory = Memory.empty(fusion).add(frames)                      # or add fusion.memory_delta(frames) to a store
+    template = memory.fused()                                      # = fusion.aggregate(*memory.state): unit
+                                                                   # embedding (D,), quality, weights (M, D)
 
 `assign` (ONNX graph "assign") maps each frame on its own, never looking at other frames, to its
 assignment A_i (M,) over the M clusters (Σ_m A_{m,i} = 1), its unit embedding f̂_i = f_i/‖f_i‖ (D,)
@@ -17,9 +18,10 @@ template is the per-cluster sums over its frames
 so appending frames is addition: any order or batching gives the same memory up to the rounding
 of the sum, and the memory's size never grows (M·(D + K + 1) floats). `memory_delta` gives a
 contribution's share in float64 (products of the graph's float32 outputs, summed in float64), the
-numbers a store adds (Redis: HINCRBYFLOAT per field, which sums in long double and keeps 17
-significant digits, so concurrent appends commute to within ~1e-16 relative). Σ_m c_m is the number
-of frames. Keep one frame's delta per request item (`FrameContribution.frame(i)`) where a client may
+numbers a store adds. Redis's HINCRBYFLOAT adds in long double and stores the result with 17 digits
+after the decimal point, so appends in another order give sums that differ by ~1e-17 absolute (send
+each increment as repr(float) so it round-trips; increments below 1e-17 are lost, far below what the
+template can notice). Σ_m c_m is the number of frames. Keep one frame's delta per request item (`FrameContribution.frame(i)`) where a client may
 retry it: a store can then refuse a repeated frame id without a half-counted frame.
 
 `aggregate` (ONNX graph "aggregate") reads the memory only and returns the fused template
@@ -260,15 +262,16 @@ class FusionModel:
 
 
 class Memory:
-    """An in-memory template memory (float64 sums), for tests and offline use; Redis keeps the same numbers."""
+    """A template's memory in process (float64 sums), for tests and offline use; a store keeps the same numbers."""
 
-    def __init__(self, sums: np.ndarray, style_sums: np.ndarray, counts: np.ndarray) -> None:
+    def __init__(self, model: FusionModel, sums: np.ndarray, style_sums: np.ndarray, counts: np.ndarray) -> None:
+        self.model = model
         self.sums, self.style_sums, self.counts = sums, style_sums, counts
 
     @classmethod
     def empty(cls, model: FusionModel) -> Memory:
         c = model.card
-        return cls(np.zeros((c.clusters, c.embedding_size)), np.zeros((c.clusters, c.stored_style_size)),
+        return cls(model, np.zeros((c.clusters, c.embedding_size)), np.zeros((c.clusters, c.stored_style_size)),
                    np.zeros(c.clusters))
 
     @property
@@ -286,9 +289,13 @@ class Memory:
         self.counts = self.counts + delta.counts
         return self
 
-    def add(self, model: FusionModel, contribution: FrameContribution) -> Memory:
-        return self.add_delta(model.memory_delta(contribution))
+    def add(self, contribution: FrameContribution) -> Memory:
+        """Add frames (what `FusionModel.assign` made of them); returns self."""
+        return self.add_delta(self.model.memory_delta(contribution))
 
     def merge(self, other: Memory) -> Memory:
         """Both templates' frames in one memory (a new Memory; the two are left as they are)."""
-        return Memory(self.sums.copy(), self.style_sums.copy(), self.counts.copy()).add_delta(other.state)
+        return Memory(self.model, self.sums.copy(), self.style_sums.copy(), self.counts.copy()).add_delta(other.state)
+
+    def fused(self) -> FusedTemplate:
+        return self.model.aggregate(*self.state)

@@ -2,6 +2,7 @@
 fused template does not depend on the order or batching of frames, the card, and real frames when the data is here."""
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import numpy as np
@@ -83,11 +84,11 @@ def test_order_and_batching_do_not_change_the_template(fusion, frames):
         order = rng.permutation(len(raw))
         memory = Memory.empty(fusion)
         for chunk in np.array_split(order, rng.integers(2, 9)):  # random batch sizes, random order
-            memory.add(fusion, fusion.assign(raw[chunk], style[chunk]))
+            memory.add(fusion.assign(raw[chunk], style[chunk]))
         for got, want in zip(memory.state, all_at_once):
             np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-9)
         assert memory.frames == pytest.approx(len(raw))
-        fused = fusion.aggregate(*memory.state)
+        fused = memory.fused()
         assert float(fused.embedding @ reference.embedding) >= 0.99999
         assert fused.quality == pytest.approx(reference.quality, abs=1e-5)
 
@@ -99,8 +100,8 @@ def test_frame_deltas_sum_to_the_batch_delta_and_memories_merge(fusion, frames):
     for k, whole in enumerate(fusion.memory_delta(contribution)):
         np.testing.assert_allclose(sum(d[k] for d in per_frame), whole, rtol=1e-12, atol=1e-12)
     half = len(raw) // 2
-    a = Memory.empty(fusion).add(fusion, fusion.assign(raw[:half], style[:half]))
-    b = Memory.empty(fusion).add(fusion, fusion.assign(raw[half:], style[half:]))
+    a = Memory.empty(fusion).add(fusion.assign(raw[:half], style[:half]))
+    b = Memory.empty(fusion).add(fusion.assign(raw[half:], style[half:]))
     merged = a.merge(b)
     np.testing.assert_allclose(merged.sums, fusion.memory_delta(contribution).sums, atol=1e-9)
     assert a.frames == pytest.approx(half)  # merge leaves its operands alone
@@ -156,5 +157,5 @@ def test_poor_frames_weigh_less_than_good_ones_on_real_faces(fusion, frames):
     r = fusion.assign(raw[person], style[person]).frame_quality.reshape(4, 5)  # (photo, variant)
     assert r[:, 0].mean() > r[:, 1:].mean()
     qualities = [fusion.fuse(raw[clean[:k]], style[clean[:k]]).quality for k in (1, 2, 3, 4)]
-    assert all(a < b for a, b in zip(qualities, qualities[1:]))
+    assert all(a < b for a, b in itertools.pairwise(qualities))
     assert fusion.fuse(raw[occluded], style[occluded]).quality < qualities[-1]

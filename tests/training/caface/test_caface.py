@@ -170,8 +170,8 @@ def test_export_parity_and_engine(tmp_path):
     got = fusion.fuse(raw.numpy(), style.numpy())
     assert float(np.dot(got.embedding, want[0][0].numpy())) >= 0.99999
     assert got.quality == pytest.approx(float(want[2][0]), abs=1e-5)
-    memory = Memory.empty(fusion).add(fusion, fusion.assign(raw[:4].numpy(), style[:4].numpy()))
-    rest = Memory.empty(fusion).add(fusion, fusion.assign(raw[4:].numpy(), style[4:].numpy()))
+    memory = Memory.empty(fusion).add(fusion.assign(raw[:4].numpy(), style[:4].numpy()))
+    rest = Memory.empty(fusion).add(fusion.assign(raw[4:].numpy(), style[4:].numpy()))
     assert memory.merge(rest).frames == pytest.approx(9.0)
 
 
