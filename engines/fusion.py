@@ -196,6 +196,19 @@ class MemoryDelta(NamedTuple):
     style_sums: np.ndarray  # (M, K) float64, Σ_i A_{m,i} s_i
     counts: np.ndarray  # (M,) float64, Σ_i A_{m,i}
 
+    def to_vector(self) -> np.ndarray:
+        """(M·(D + K + 1),) float64: per cluster m, [S_m (D), T_m (K), c_m], clusters in order.
+
+        One flat layout for a store (one hash field, or one Lua array slot, per entry); adding two
+        vectors adds the two memories.
+        """
+        return np.concatenate([self.sums, self.style_sums, self.counts[:, None]], axis=1).ravel()
+
+    @classmethod
+    def from_vector(cls, vector: np.ndarray, clusters: int, embedding_size: int) -> MemoryDelta:
+        rows = np.asarray(vector, dtype=np.float64).reshape(clusters, -1)  # (M, D + K + 1)
+        return cls(rows[:, :embedding_size], rows[:, embedding_size:-1], rows[:, -1])
+
 
 class FusedTemplate(NamedTuple):
     embedding: np.ndarray  # (D,) float32, unit norm
@@ -241,6 +254,18 @@ class FusionModel:
         return MemoryDelta(a.T @ contribution.unit_embedding.astype(np.float64),  # (M, N) @ (N, D) -> (M, D)
                            a.T @ contribution.style.astype(np.float64),  # (M, K)
                            a.sum(axis=0))  # (M,)
+
+    @property
+    def memory_size(self) -> int:
+        """Floats in a template's memory: M·(D + K + 1), whatever the number of frames."""
+        c = self.card
+        return c.clusters * (c.embedding_size + c.stored_style_size + 1)
+
+    def memory_from_vector(self, vector: np.ndarray) -> MemoryDelta:
+        """The memory of a store's flat vector (`MemoryDelta.to_vector`)."""
+        if np.shape(vector) != (self.memory_size,):
+            raise ValueError(f"a memory vector has {self.memory_size} entries, got {np.shape(vector)}")
+        return MemoryDelta.from_vector(vector, self.clusters, self.embedding_size)
 
     def aggregate(self, sums: np.ndarray, style_sums: np.ndarray, counts: np.ndarray) -> FusedTemplate:
         """The template of a memory: unit embedding (D,), quality in [0, 1], weights (M, D)."""

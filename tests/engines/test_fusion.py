@@ -107,6 +107,19 @@ def test_frame_deltas_sum_to_the_batch_delta_and_memories_merge(fusion, frames):
     assert a.frames == pytest.approx(half)  # merge leaves its operands alone
 
 
+def test_a_memory_round_trips_through_its_flat_vector(fusion, frames):
+    raw, style, _ = frames
+    halves = [fusion.memory_delta(fusion.assign(raw[k::2], style[k::2])) for k in (0, 1)]
+    vector = halves[0].to_vector() + halves[1].to_vector()  # what a store adds, entry by entry
+    assert vector.shape == (fusion.memory_size,) == (fusion.clusters * (128 + fusion.card.stored_style_size + 1),)
+    memory = fusion.memory_from_vector(vector)
+    whole = fusion.memory_delta(fusion.assign(raw, style))
+    for got, want in zip(memory, whole):
+        np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="entries"):
+        fusion.memory_from_vector(vector[:-1])
+
+
 def test_template_is_a_unit_vector_with_weights_over_clusters_and_a_quality(fusion, frames):
     raw, style, _ = frames
     template = fusion.fuse(raw, style)
