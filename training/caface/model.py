@@ -39,7 +39,9 @@ depends on frame i alone. Then the memory is an exact, commutative sum over fram
 adds each frame's A_{m,i} f̂_i, A_{m,i} s_i and A_{m,i} atomically (a Redis hash increment), any
 order and batching gives the same memory (up to float rounding of the sum), and the template is a
 function of the memory only. The paper's sequential-equals-all-at-once loss is therefore 0 up to
-rounding by construction; it is still computed as a check.
+rounding by construction; it is still computed as a check. What it costs: a frame cannot be
+assigned relative to the other frames of its set (the official CN can, e.g. "the sharpest of these");
+comparison between frames happens only in the AGN, over the M cluster summaries.
 """
 from __future__ import annotations
 
