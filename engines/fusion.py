@@ -197,17 +197,18 @@ class MemoryDelta(NamedTuple):
     counts: np.ndarray  # (M,) float64, Σ_i A_{m,i}
 
     def to_vector(self) -> np.ndarray:
-        """(M·(D + K + 1),) float64: per cluster m, [S_m (D), T_m (K), c_m], clusters in order.
+        """(M·(D + K + 1),) float64: [S (M·D, row-major), T (M·K), c (M)], the layout service.templates stores.
 
-        One flat layout for a store (one hash field, or one Lua array slot, per entry); adding two
-        vectors adds the two memories.
+        One flat layout for a store (one Lua array slot per entry); adding two vectors adds the two memories.
         """
-        return np.concatenate([self.sums, self.style_sums, self.counts[:, None]], axis=1).ravel()
+        return np.concatenate([self.sums.ravel(), self.style_sums.ravel(), self.counts])
 
     @classmethod
     def from_vector(cls, vector: np.ndarray, clusters: int, embedding_size: int) -> MemoryDelta:
-        rows = np.asarray(vector, dtype=np.float64).reshape(clusters, -1)  # (M, D + K + 1)
-        return cls(rows[:, :embedding_size], rows[:, embedding_size:-1], rows[:, -1])
+        vector = np.asarray(vector, dtype=np.float64)
+        m, d = clusters, embedding_size
+        k = (len(vector) - m * (d + 1)) // m
+        return cls(vector[: m * d].reshape(m, d), vector[m * d : m * (d + k)].reshape(m, k), vector[m * (d + k) :])
 
 
 class FusedTemplate(NamedTuple):
@@ -262,7 +263,7 @@ class FusionModel:
         return c.clusters * (c.embedding_size + c.stored_style_size + 1)
 
     def memory_from_vector(self, vector: np.ndarray) -> MemoryDelta:
-        """The memory of a store's flat vector (`MemoryDelta.to_vector`)."""
+        """The memory of a store's flat vector (`MemoryDelta.to_vector`'s layout)."""
         if np.shape(vector) != (self.memory_size,):
             raise ValueError(f"a memory vector has {self.memory_size} entries, got {np.shape(vector)}")
         return MemoryDelta.from_vector(vector, self.clusters, self.embedding_size)
