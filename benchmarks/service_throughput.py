@@ -105,7 +105,7 @@ def one_face_photos(card: ModelCard, photos: list[bytes]) -> tuple[list[bytes], 
     pipeline = FacePipeline(build_detector("mtcnn"), None, card)
     images = [np.asarray(Image.open(io.BytesIO(p)).convert("RGB")) for p in photos]
     t0 = time.perf_counter()
-    dets = [pipeline.detect(img, max_faces=1) for img in images]
+    dets = [pipeline.detect(img) for img in images]
     rate = len(images) / (time.perf_counter() - t0)
     keep = [i for i, d in enumerate(dets) if len(d) == 1]
     crops = np.concatenate([pipeline.align(images[i], dets[i]) for i in keep])

@@ -40,6 +40,8 @@ class OnnxRuntimeEngine(ChunkedEngine):
     max_batch_size: the most faces per inference: larger amortises overhead, costs memory and the
         latency of the whole batch. Capped at the graph's batch size when that is fixed.
     verify: check the card's sha256 of the ONNX before loading it.
+    spin_wait: let ONNX Runtime's pool threads spin between inferences (its default: lowest latency
+        when the engine has the cores to itself); False when other work shares the cores, as in the service.
     """
 
     runtime = "onnxruntime"
@@ -51,6 +53,7 @@ class OnnxRuntimeEngine(ChunkedEngine):
         intra_op_threads: int = 0,
         max_batch_size: int = 64,
         verify: bool = True,
+        spin_wait: bool = True,
     ) -> None:
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be at least 1, got {max_batch_size}")
@@ -65,6 +68,8 @@ class OnnxRuntimeEngine(ChunkedEngine):
         self.embedding_size = card.embedding_size
         options = ort.SessionOptions()
         options.intra_op_num_threads = intra_op_threads
+        if not spin_wait:  # idle pool threads sleep instead of spinning: fair to other work on the same cores
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.session = ort.InferenceSession(str(card.onnx_path), options,
                                             providers=list(providers or default_providers()))
         self.input_name, fixed_batch = self._check_signature()

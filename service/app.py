@@ -35,7 +35,7 @@ log = logging.getLogger("faceset")
 
 # what each runtime takes from the settings beyond the card and the batch size
 RUNTIME_OPTIONS = {
-    "onnxruntime": lambda s: {"intra_op_threads": s.engine_threads},
+    "onnxruntime": lambda s: {"intra_op_threads": s.engine_threads, "spin_wait": False},
     "tensorrt": lambda s: {"cache_dir": s.state_dir / "tensorrt"},
     "torch": lambda s: {},
 }
