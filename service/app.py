@@ -29,7 +29,7 @@ from service.routes import openapi
 from service.routes import templates as template_routes
 from service.settings import Settings, get_settings
 from service.template_store import TemplateStore
-from service.templates import TemplateService, memory_length, model_id
+from service.templates import TemplateService, model_id
 
 log = logging.getLogger("faceset")
 
@@ -57,7 +57,7 @@ def build_templates(settings: Settings, state) -> tuple[TemplateService | None, 
     if card.outputs.style is None:
         return None, f"model {card.name} {card.version} has no CAFace style output"
     fusion = FusionModel.load(settings.fusion_card)
-    store = TemplateStore(state.redis, settings.key_prefix, memory_length(fusion), model_id(fusion),
+    store = TemplateStore(state.redis, settings.key_prefix, fusion.memory_size, model_id(fusion),
                           settings.template_id_window)
     return TemplateService(state.faces, fusion, store, state.metrics, settings.min_face_size), None
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 from starlette.concurrency import run_in_threadpool
 
-from engines.fusion import FrameContribution, FusedTemplate, FusionModel, MemoryDelta
+from engines.fusion import FrameContribution, FusedTemplate, FusionModel
 from engines.model_card import quality_from_magnitude
 from service.errors import NotFound, ServiceError
 from service.faces import EmbedOptions, FaceService
@@ -47,25 +47,9 @@ class TemplateView:
     embedding: np.ndarray
 
 
-def memory_length(fusion: FusionModel) -> int:
-    c = fusion.card
-    return c.clusters * (c.embedding_size + c.stored_style_size + 1)
-
-
-def frame_deltas(contribution: FrameContribution) -> np.ndarray:
-    """(N, L) float64: frame i's [A_i ⊗ f̂_i (M·D), A_i ⊗ s_i (M·K), A_i (M)], the layout of `as_memory`."""
-    a = contribution.assignment.astype(np.float64)  # (N, M)
-    n = len(a)
-    sums = a[:, :, None] * contribution.unit_embedding.astype(np.float64)[:, None, :]  # (N, M, D)
-    styles = a[:, :, None] * contribution.style.astype(np.float64)[:, None, :]  # (N, M, K)
-    return np.concatenate([sums.reshape(n, -1), styles.reshape(n, -1), a], axis=1)
-
-
-def as_memory(vector: np.ndarray, fusion: FusionModel) -> MemoryDelta:
-    """The (L,) sums Redis keeps -> (S (M, D), T (M, K), c (M,))."""
-    c = fusion.card
-    m, d, k = c.clusters, c.embedding_size, c.stored_style_size
-    return MemoryDelta(vector[: m * d].reshape(m, d), vector[m * d : m * (d + k)].reshape(m, k), vector[m * (d + k) :])
+def frame_deltas(fusion: FusionModel, contribution: FrameContribution) -> np.ndarray:
+    """(N, L) float64: each frame's own memory delta as a flat vector (`MemoryDelta.to_vector`'s layout)."""
+    return np.stack([fusion.memory_delta(contribution.frame(i)).to_vector() for i in range(len(contribution.assignment))])
 
 
 def model_id(fusion: FusionModel) -> str:
@@ -95,7 +79,7 @@ class TemplateService:
         rejected += [Rejection(kept[i].index, "low_quality") for i in range(len(kept)) if quality[i] < min_quality]
         kept = [kept[i] for i in good]
         if kept:
-            deltas = frame_deltas(self.fusion.assign(raw[good], style[good]))
+            deltas = frame_deltas(self.fusion, self.fusion.assign(raw[good], style[good]))
             result = await self.store.append(template_id, deltas, [f.frame_id for f in kept])
             rejected += [Rejection(f.index, "duplicate_frame_id") for f, added in zip(kept, result.added) if not added]
             accepted, memory = sum(result.added), result.memory
@@ -104,13 +88,13 @@ class TemplateService:
         for r in rejected:
             self.metrics.frames.labels(r.reason).inc()
         self.metrics.frames.labels("accepted").inc(accepted)
-        fused = self.fusion.aggregate(*as_memory(memory.sums, self.fusion)) if memory and memory.frames else None
+        fused = self.fusion.aggregate(*self.fusion.memory_from_vector(memory.sums)) if memory and memory.frames else None
         return FramesOutcome(template_id, memory.frames if memory else 0, accepted,
                              sorted(rejected, key=lambda r: r.index), fused.quality if fused else None)
 
     async def get(self, template_id: str) -> TemplateView:
         memory = await self.store.read(template_id)
-        fused: FusedTemplate = self.fusion.aggregate(*as_memory(memory.sums, self.fusion))
+        fused: FusedTemplate = self.fusion.aggregate(*self.fusion.memory_from_vector(memory.sums))
         return TemplateView(template_id, memory.frames, fused.quality, fused.embedding)
 
     async def delete(self, template_id: str) -> None:

@@ -13,7 +13,6 @@ from PIL import Image, ImageFilter
 
 from engines.fusion import FusionModel
 from service.faces import probe_image
-from service.templates import as_memory
 
 REPO = Path(__file__).resolve().parents[2]
 FUSION = REPO / "models" / "caface"
@@ -152,7 +151,7 @@ def test_concurrent_writers_through_the_api_lose_nothing(client, settings, frame
     templates = client.app.state.templates
     store = templates.store
     blob = redis.Redis.from_url(settings.redis_url.get_secret_value()).hget(store.keys(tid)[0], "sum")
-    counts = as_memory(np.frombuffer(blob, "<f8"), templates.fusion).counts
+    counts = templates.fusion.memory_from_vector(np.frombuffer(blob, "<f8")).counts
     assert counts.sum() == pytest.approx(200, abs=1e-3)  # each frame's assignment sums to 1 (in float32)
 
 
