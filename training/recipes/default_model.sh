@@ -36,7 +36,7 @@ faceset train celeba-dlib-magface
 # 5. export with a parity check (embedding and the CAFace "style" output), calibrate on the hold-out,
 #    evaluate through the pipeline. (Version 1.1 was made without retraining, from version 1's ONNX:
 #    python -m training.recipes.add_style_output, see its docstring.)
-python -m training.export "$RUNS/celeba-dlib-magface/backbone.pt" --out "$OUT" --name faceset-dlib-magface --version 1 \
+python -m training.export "$RUNS/celeba-dlib-magface/backbone.pt" --out "$OUT" --name faceset-dlib-magface --version 1.1 \
   --template dlib_150 --parity-dir "$ALIGNED/lfw-dev-dlib150" --licence "CC0-1.0 base weights (dlib); fine-tuned on CelebA: non-commercial research only" \
   --data-licence "CelebA: non-commercial research only" --card training/recipes/default_model_card.yaml --style
 python -m training.calibrate "$OUT" --holdout "$ALIGNED/celeba-calib-dlib150" --dataset "CelebA-10k hold-out identities (aligned by our MTCNN)"
