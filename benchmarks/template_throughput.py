@@ -62,7 +62,7 @@ def memory_growth(base: str, frames: list[dict], redis_url: str, prefix: str, wi
     rows, total = [], 0
     for target in (10, 100, 1000, 10000):
         while total < target:
-            n = min(100, target - total)
+            n = min(32, target - total)  # the service's max images per request
             batch = [dict(frames[(total + j) % len(frames)], **({"frame_id": f"f{total + j}"} if with_ids else {}))
                      for j in range(n)]
             httpx.post(f"{base}/templates/{tid}/frames", json={"frames": batch}, timeout=120).raise_for_status()
