@@ -65,10 +65,8 @@ class TemplateService:
         self.faces, self.fusion, self.store, self.metrics = faces, fusion, store, metrics
         self.card = faces.card
         self.min_face_size = min_face_size
-        rec = fusion.card.recognition
-        if rec.onnx_sha256 != self.card.files.onnx.sha256:  # its inputs are that exact model's outputs
-            raise ValueError(f"fusion model {fusion.card.name} was trained on {rec.name} {rec.version}, "
-                             f"not on the served {self.card.name} {self.card.version}")
+        if fusion.card.recognition.onnx_sha256 != self.card.files.onnx.sha256:
+            raise ValueError(f"fusion model {fusion.card.name} was not trained on {self.card.name} {self.card.version}")
 
     async def add_frames(self, template_id: str, frames: list[Frame], min_quality: float) -> FramesOutcome:
         check_id(template_id)
