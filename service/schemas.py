@@ -122,7 +122,7 @@ class TemplateResponse(BaseModel):
     id: str
     frames: int
     quality: float
-    embedding: list[float] = Field(description="The fused template, L2-normalised")
+    embedding: list[float] | None = Field(description="The fused template, L2-normalised (null with ?embedding=false)")
 
 
 class Deleted(BaseModel):

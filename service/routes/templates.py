@@ -40,10 +40,13 @@ async def add_frames(
 
 
 @router.get("/{template_id}", response_model=TemplateResponse, summary="The fused template")
-async def get_template(template_id: TemplateId, templates: Templates) -> TemplateResponse:
+async def get_template(
+    template_id: TemplateId, templates: Templates,
+    embedding: Annotated[bool, Query(description="Include the fused embedding (false: frames and quality only)")] = True,
+) -> TemplateResponse:
     view = await templates.get(template_id)
     return TemplateResponse(id=view.template_id, frames=view.frames, quality=view.quality,
-                            embedding=view.embedding.tolist())
+                            embedding=view.embedding.tolist() if embedding else None)
 
 
 @router.delete("/{template_id}", response_model=Deleted, summary="Erase a template (every key)")

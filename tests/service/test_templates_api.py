@@ -160,6 +160,8 @@ def test_unknown_and_deleted_templates_are_404(client, settings, frames):
     assert client.get(f"/templates/{tid}").status_code == 404
     assert client.delete(f"/templates/{tid}").status_code == 404
     client.post(f"/templates/{tid}/frames", json={"frames": frames[:2]})
+    brief = client.get(f"/templates/{tid}", params={"embedding": False}).json()
+    assert brief["frames"] == 2 and brief["embedding"] is None and 0 < brief["quality"] <= 1
     assert client.delete(f"/templates/{tid}").json() == {"id": tid, "deleted": True}
     r = client.get(f"/templates/{tid}")
     assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
