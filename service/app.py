@@ -23,9 +23,9 @@ from service.faces import FaceService
 from service.limits import BodySizeLimit
 from service.metrics import Metrics, MetricsMiddleware
 from service.redis_store import EmbeddedRedis, connect
+from service.routes import docs, openapi
 from service.routes import faces as face_routes
 from service.routes import health as health_routes
-from service.routes import openapi
 from service.routes import templates as template_routes
 from service.settings import Settings, get_settings
 from service.template_store import TemplateStore
@@ -100,7 +100,7 @@ async def lifespan(app: FastAPI):
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
     logging.getLogger("faceset").setLevel(settings.log_level_number)
-    app = FastAPI(title="faceset", version=_version(), lifespan=lifespan,
+    app = FastAPI(title="faceset", version=_version(), lifespan=lifespan, docs_url=None, redoc_url=None,
                   description="Face detection, embedding, verification and CAFace templates.")
     app.state.settings = settings
     app.state.metrics = Metrics()
@@ -110,6 +110,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(face_routes.router)
     app.include_router(template_routes.router)
     openapi.install(app)
+    docs.install(app)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)  # outermost: sees every status
     return app

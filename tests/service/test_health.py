@@ -120,3 +120,11 @@ def test_openapi_documents_both_body_forms(client):
 
 def test_probe_image_has_no_face(client):  # so readiness never depends on detecting a face
     assert client.app.state.faces.pipeline.detect(probe_image()) == []
+
+
+def test_docs_page_works_offline(client):
+    page = client.get("/docs")
+    assert page.status_code == 200 and "/docs-static/swagger-ui-bundle.js" in page.text
+    assert "cdn" not in page.text.lower()
+    script = client.get("/docs-static/swagger-ui-bundle.js")
+    assert script.status_code == 200 and len(script.content) > 100_000
