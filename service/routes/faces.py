@@ -26,7 +26,8 @@ router = APIRouter(dependencies=[Authenticated, Admitted], responses={
     s: {"model": Problem} for s in (401, 413, 415, 422, 429, 503)})
 
 
-@router.post("/embed", response_model=EmbedResponse, summary="Detect, align and embed every face of each image",
+@router.post("/embed", response_model=EmbedResponse, response_model_exclude_unset=True,  # style only when asked
+             summary="Detect, align and embed every face of each image",
              openapi_extra=body(EmbedRequest, fields({"images": True})))
 async def embed(
     request: Request, faces: Faces, settings: AppSettings,
@@ -64,9 +65,9 @@ def model_info(faces) -> ModelInfo:
 
 def face_out(styled: StyledFace, include_style: bool = False) -> FaceOut:
     face = styled.face
-    style = styled.style.tolist() if include_style and styled.style is not None else None
+    extra = {"style": None if styled.style is None else styled.style.tolist()} if include_style else {}
     return FaceOut(bbox=list(face.bbox), landmarks=face.landmarks.tolist(), detection_score=face.detection_score,
-                   embedding=face.embedding.tolist(), magnitude=face.magnitude, quality=face.quality, style=style)
+                   embedding=face.embedding.tolist(), magnitude=face.magnitude, quality=face.quality, **extra)
 
 
 def side_info(side: SideResult) -> SideInfo:

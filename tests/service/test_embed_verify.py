@@ -31,6 +31,7 @@ def test_embed_answers_the_contract(client, lfw):
     body = _embed(client, photo(lfw, "Abel_Pacheco"))
     assert body["model"] == {"name": "faceset-dlib-magface", "version": body["model"]["version"], "embedding_size": 128}
     (face,) = body["results"][0]["faces"]
+    assert set(face) == {"bbox", "landmarks", "detection_score", "embedding", "magnitude", "quality"}
     x1, y1, x2, y2 = face["bbox"]
     assert 0 <= x1 < x2 <= 150 and 0 <= y1 < y2 <= 150
     assert len(face["landmarks"]) == 5 and face["landmarks"][0][0] < face["landmarks"][1][0]  # left eye left of right
