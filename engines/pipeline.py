@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import cv2
 import numpy as np
 
 from engines.align import align
@@ -29,15 +30,38 @@ class Face:
 
 
 class FacePipeline:
-    def __init__(self, detector: FaceDetector, engine: Engine, card: ModelCard) -> None:
+    """detector, engine, card; detect_max_side: photos whose longer side exceeds it are detected on a
+    copy shrunk to that size (detection time grows with pixels; faces in a large photo are large),
+    then aligned from the full-resolution photo. None detects at full size."""
+
+    def __init__(self, detector: FaceDetector, engine: Engine, card: ModelCard, detect_max_side: int | None = None) -> None:
         self.detector, self.engine, self.card = detector, engine, card
         self.template, self.template_size = get_template(card.input.template)
+        self.detect_max_side = detect_max_side
 
     def detect(self, image: np.ndarray, max_faces: int | None = None, min_face_size: float = 0.0) -> list[Detection]:
-        """Faces of an RGB uint8 photo, largest first, at least `min_face_size` px on the shorter box side."""
-        found = [d for d in self.detector.detect(image) if min(d.bbox[2] - d.bbox[0], d.bbox[3] - d.bbox[1]) >= min_face_size]
+        """Faces of an RGB uint8 photo, largest first, at least `min_face_size` px on the shorter box side.
+
+        Boxes and landmarks are in the photo's own pixels, also when detection ran on a shrunk copy.
+        """
+        found = [d for d in self._detect(image) if min(d.bbox[2] - d.bbox[0], d.bbox[3] - d.bbox[1]) >= min_face_size]
         found.sort(key=lambda d: d.area, reverse=True)
         return found[:max_faces] if max_faces else found
+
+    def _detect(self, image: np.ndarray) -> list[Detection]:
+        h, w = image.shape[:2]
+        if not self.detect_max_side or max(h, w) <= self.detect_max_side:
+            return self.detector.detect(image)
+        scale = self.detect_max_side / max(h, w)
+        small = cv2.resize(image, (max(1, round(w * scale)), max(1, round(h * scale))), interpolation=cv2.INTER_AREA)
+        scale_xy = np.array([w / small.shape[1], h / small.shape[0]])  # exact ratios after rounding the size
+        offset = 0.5 * scale_xy - 0.5  # pixel centres at i (OpenCV's convention): x ↦ (x + 0.5)·s − 0.5
+        out = []
+        for d in self.detector.detect(small):
+            corners = np.reshape(d.bbox, (2, 2)) * scale_xy + offset  # (x1, y1), (x2, y2)
+            out.append(Detection(tuple(float(v) for v in corners.ravel()), d.score,
+                                 np.asarray(d.landmarks) * scale_xy + offset))
+        return out
 
     def align(self, image: np.ndarray, detections: Sequence[Detection]) -> np.ndarray:
         """(N, S, S, 3) uint8 crops, S the card's input size."""

@@ -46,7 +46,7 @@ def build_pipeline(settings: Settings) -> FacePipeline:
     options = RUNTIME_OPTIONS.get(settings.engine, lambda s: {})(settings)
     engine = build_engine(settings.engine, card=card, max_batch_size=settings.max_batch_size, **options)
     detector = build_detector("mtcnn", model_dir=settings.detector_dir, intra_op_threads=settings.detector_threads)
-    return FacePipeline(detector, engine, card)
+    return FacePipeline(detector, engine, card, detect_max_side=settings.detect_max_side)
 
 
 def build_templates(settings: Settings, state) -> tuple[TemplateService | None, str | None]:

@@ -66,6 +66,10 @@ class Settings(BaseSettings):
     max_images: int = Field(
         default=32, ge=1,
         description="Most images in one request (413 beyond).")
+    detect_max_side: int = Field(
+        default=1280, ge=64,
+        description="Photos with a longer side above this are detected on a copy shrunk to it (detection time "
+                    "grows with pixels), then aligned at full resolution. Larger finds smaller faces in big photos.")
     max_faces: int = Field(
         default=16, ge=1,
         description="Most faces returned per image when the request sets no max_faces.")
