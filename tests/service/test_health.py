@@ -128,3 +128,25 @@ def test_docs_page_works_offline(client):
     assert "cdn" not in page.text.lower()
     script = client.get("/docs-static/swagger-ui-bundle.js")
     assert script.status_code == 200 and len(script.content) > 100_000
+
+
+@pytest.mark.skipif(shutil.which("redis-server") is None, reason="redis-server is not installed on this machine")
+def test_redis_dying_and_coming_back(tmp_path):
+    """Redis goes away mid-service: readiness and templates answer 503, faces keep working; it returns: all recover."""
+    server = EmbeddedRedis(tmp_path)
+    settings = make_settings(redis_url=server.start())
+    try:
+        with TestClient(create_app(settings)) as c:
+            if c.app.state.templates is None:
+                pytest.skip(f"templates are off: {c.app.state.templates_off}")
+            assert c.get("/readyz").status_code == 200
+            server.stop()
+            assert c.get("/readyz").status_code == 503
+            down = c.get("/templates/anyone")
+            assert down.status_code == 503 and down.json()["error"]["code"] == "unavailable"
+            assert c.post("/verify", json={"a": {"embedding": [1.0] * 128}, "b": {"embedding": [1.0] * 128}}).status_code == 200
+            server.start()
+            assert c.get("/readyz").status_code == 200
+            assert c.get("/templates/anyone").status_code == 404  # Redis answers again: an unknown template
+    finally:
+        server.stop()
