@@ -56,6 +56,8 @@ def build_templates(settings: Settings, state) -> tuple[TemplateService | None, 
         return None, f"no fusion model at {settings.fusion_card} (FACESET_FUSION_CARD)"
     if card.outputs.style is None:
         return None, f"model {card.name} {card.version} has no CAFace style output"
+    if not isinstance(state.batcher.engine, StyleRowsEngine):
+        return None, f"the {settings.engine} runtime does not return the model's CAFace style output"
     fusion = FusionModel.load(settings.fusion_card)
     rec = fusion.card.recognition
     if rec.onnx_sha256 != card.files.onnx.sha256:  # its inputs are that exact model's outputs
@@ -71,8 +73,9 @@ async def lifespan(app: FastAPI):
     settings: Settings = app.state.settings
     state = app.state
     pipeline = await run_in_threadpool(build_pipeline, settings)
-    # a card with a CAFace style output: batches carry [embedding | style] rows for the templates
-    batched = StyleRowsEngine(pipeline.engine) if pipeline.card.outputs.style else pipeline.engine
+    # a card with a CAFace style output, on a runtime that returns it: batches carry [embedding | style] rows
+    styled = pipeline.card.outputs.style is not None and hasattr(pipeline.engine, "embed_with_style")
+    batched = StyleRowsEngine(pipeline.engine) if styled else pipeline.engine
     state.batcher = DynamicBatcher(batched, settings.max_batch_size, settings.max_queue_delay_ms,
                                    on_batch=state.metrics.on_batch)
     await state.batcher.start()
