@@ -54,3 +54,29 @@ def test_what_the_card_lacks_is_a_clear_answer(tiny_client):
     Image.new("RGB", (64, 64)).save(buf, format="PNG")
     assert tiny_client.post("/embed", files=[("images", buf.getvalue())]).json()["results"] == [{"faces": []}]
     assert tiny_client.get("/readyz").status_code == 200
+
+
+def test_a_runtime_without_the_style_output_serves_faces_with_templates_off(redis_available, monkeypatch):
+    """TensorRT returns only the embedding today: the service must still start and say why templates are off."""
+    import service.app as app_module
+    from engines.base import build_engine
+
+    class EmbeddingOnly:  # the ONNX Runtime engine seen through a runtime that lacks embed_with_style
+        def __init__(self, inner):
+            self.inner = inner
+            self.card, self.name = inner.card, f"embedding-only:{inner.name}"
+            self.input_size, self.embedding_size, self.max_batch_size = inner.input_size, inner.embedding_size, inner.max_batch_size
+
+        def embed(self, batch):
+            return self.inner.embed(batch)
+
+        def health(self):
+            return self.inner.health()
+
+    monkeypatch.setattr(app_module, "build_engine", lambda *a, **k: EmbeddingOnly(build_engine(*a, **k)))
+    settings = make_settings()
+    with TestClient(create_app(settings)) as c:
+        off = c.get("/templates/anyone")
+        assert off.status_code == 503 and "does not return" in off.json()["error"]["message"]
+        assert c.get("/readyz").status_code == 200
+    drop_keys(settings)
