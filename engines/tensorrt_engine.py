@@ -209,22 +209,42 @@ class TensorRTEngine(ChunkedEngine):
             raise ModelCardError(f"the plan has no output {self.card.outputs.embedding!r}: {sorted(self._buffers)}")
 
     def _infer(self, chunk: np.ndarray) -> np.ndarray:
+        return self._run(chunk, [self.card.outputs.embedding])[0]
+
+    def embed_with_style(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Raw embeddings (N, D) and CAFace style statistics (N, S) in one pass, as the ONNX Runtime engine."""
+        if self.card.outputs.style is None:
+            raise ModelCardError(f"model {self.card.name!r} has no style output (export it with style_outputs=True)")
+        names = [self.card.outputs.embedding, self.card.outputs.style]
+        parts = [self._run(chunk, names) for chunk in self.chunks(self.check_batch(batch))]
+        if not parts:
+            width = 2 * sum(self.card.outputs.style_channels)
+            return np.zeros((0, self.embedding_size), np.float32), np.zeros((0, width), np.float32)
+        embeddings, styles = (np.concatenate(p) for p in zip(*parts))
+        return embeddings, styles
+
+    def _run(self, chunk: np.ndarray, names: list[str]) -> list[np.ndarray]:
+        """One execution of the plan on (n, 3, S, S); the named outputs copied back, float32."""
         cudart, n = self._cudart, len(chunk)
         host_to_device = cudart.cudaMemcpyKind.cudaMemcpyHostToDevice
         device_to_host = cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost
         in_pointer, in_dtype, _ = self._buffers[self._input_name]
         x = np.ascontiguousarray(chunk, dtype=in_dtype)
-        out_pointer, out_dtype, out_shape = self._buffers[self.card.outputs.embedding]
-        out = np.empty((n, *out_shape[1:]), dtype=out_dtype)  # (n, D)
+        missing = [name for name in names if name not in self._buffers]
+        if missing:
+            raise ModelCardError(f"the plan has no output {missing}: {sorted(self._buffers)}")
+        outs = [np.empty((n, *self._buffers[name][2][1:]), dtype=self._buffers[name][1]) for name in names]  # (n, …)
         with self._lock:
             if not self._context.set_input_shape(self._input_name, x.shape):
                 raise TensorRTError(f"{self.name}: input shape {x.shape} is outside the plan's profile")
             _check(cudart.cudaMemcpyAsync(in_pointer, x.ctypes.data, x.nbytes, host_to_device, self._stream))
             if not self._context.execute_async_v3(int(self._stream)):
                 raise TensorRTError(f"{self.name}: execute_async_v3 failed")
-            _check(cudart.cudaMemcpyAsync(out.ctypes.data, out_pointer, out.nbytes, device_to_host, self._stream))
+            for name, out in zip(names, outs):
+                pointer = self._buffers[name][0]
+                _check(cudart.cudaMemcpyAsync(out.ctypes.data, pointer, out.nbytes, device_to_host, self._stream))
             _check(cudart.cudaStreamSynchronize(self._stream))
-        return out.astype(np.float32, copy=False)
+        return [out.astype(np.float32, copy=False) for out in outs]
 
     def close(self) -> None:
         """Free the device memory and the stream (also done when the engine is garbage-collected)."""

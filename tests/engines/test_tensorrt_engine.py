@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,6 +12,8 @@ import pytest
 from engines.base import RUNTIME_MODULES
 from engines.tensorrt_engine import PLAN_SUFFIX, TensorRTError, cached_plan, plan_cache_key, profile_shapes
 from tests.engines.test_onnx_runtime import faces, tiny_model  # noqa: F401  (tiny_model is a fixture)
+
+REPO = Path(__file__).resolve().parents[2]
 
 KEY_ARGS = dict(onnx_sha256="a" * 64, gpu_name="NVIDIA H100 80GB HBM3", trt_version="10.7.0",
                 max_batch_size=64, fp16=True)
@@ -108,3 +111,23 @@ def test_fp16_plan_matches_onnx_runtime_and_is_cached(gpu, tiny_model, tmp_path)
     again = TensorRTEngine(tiny_model, max_batch_size=8, cache_dir=tmp_path)  # from the cache, not rebuilt
     assert plans[0].stat().st_mtime_ns == stamp
     np.testing.assert_allclose(embed_aligned(again, again.card, crops), a, rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.gpu
+def test_fp16_plan_returns_the_style_output_like_onnx_runtime(gpu, tmp_path):
+    """The default model's CAFace style statistics from the TensorRT plan (FP16) against ONNX Runtime (FP32)."""
+    from engines.base import preprocess
+    from engines.model_card import ModelCard
+    from engines.onnx_runtime import OnnxRuntimeEngine
+    from engines.tensorrt_engine import TensorRTEngine
+
+    card = ModelCard.load(REPO / "models" / "default")
+    if card.outputs.style is None:
+        pytest.skip("the default model has no style output")
+    trt_engine = TensorRTEngine(card, max_batch_size=8, cache_dir=tmp_path)
+    reference = OnnxRuntimeEngine(card, providers=["CPUExecutionProvider"], intra_op_threads=1)
+    x = preprocess(np.random.default_rng(3).integers(0, 256, (11, card.input.size, card.input.size, 3), np.uint8), card)
+    (ea, sa), (eb, sb) = trt_engine.embed_with_style(x), reference.embed_with_style(x)
+    cos = lambda u, v: (u * v).sum(1) / (np.linalg.norm(u, axis=1) * np.linalg.norm(v, axis=1))  # noqa: E731
+    assert sa.shape == sb.shape == (11, 2 * sum(card.outputs.style_channels))
+    assert cos(ea, eb).min() >= 0.999 and cos(sa, sb).min() >= 0.999

@@ -57,7 +57,7 @@ def test_what_the_card_lacks_is_a_clear_answer(tiny_client):
 
 
 def test_a_runtime_without_the_style_output_serves_faces_with_templates_off(redis_available, monkeypatch):
-    """TensorRT returns only the embedding today: the service must still start and say why templates are off."""
+    """A runtime that returns only the embedding (the torch development engine): the service must still start and say why templates are off."""
     import service.app as app_module
     from engines.base import build_engine
 
