@@ -10,7 +10,13 @@ import numpy as np
 import pytest
 
 from engines.base import RUNTIME_MODULES
-from engines.tensorrt_engine import PLAN_SUFFIX, TensorRTError, cached_plan, plan_cache_key, profile_shapes
+from engines.tensorrt_engine import (
+    PLAN_SUFFIX,
+    TensorRTError,
+    cached_plan,
+    plan_cache_key,
+    profile_shapes,
+)
 from tests.engines.test_onnx_runtime import faces, tiny_model  # noqa: F401  (tiny_model is a fixture)
 
 REPO = Path(__file__).resolve().parents[2]
@@ -128,6 +134,9 @@ def test_fp16_plan_returns_the_style_output_like_onnx_runtime(gpu, tmp_path):
     reference = OnnxRuntimeEngine(card, providers=["CPUExecutionProvider"], intra_op_threads=1)
     x = preprocess(np.random.default_rng(3).integers(0, 256, (11, card.input.size, card.input.size, 3), np.uint8), card)
     (ea, sa), (eb, sb) = trt_engine.embed_with_style(x), reference.embed_with_style(x)
-    cos = lambda u, v: (u * v).sum(1) / (np.linalg.norm(u, axis=1) * np.linalg.norm(v, axis=1))  # noqa: E731
     assert sa.shape == sb.shape == (11, 2 * sum(card.outputs.style_channels))
-    assert cos(ea, eb).min() >= 0.999 and cos(sa, sb).min() >= 0.999
+    assert _cosines(ea, eb).min() >= 0.999 and _cosines(sa, sb).min() >= 0.999
+
+
+def _cosines(u: np.ndarray, v: np.ndarray) -> np.ndarray:
+    return (u * v).sum(1) / (np.linalg.norm(u, axis=1) * np.linalg.norm(v, axis=1))
