@@ -84,13 +84,13 @@ async def read_verify(request: Request) -> tuple[Side, Side, float | None]:
 
 
 async def _form(request: Request, max_files: int, max_fields: int):
-    """The multipart form; too many parts is a 413, a malformed body a 400 (Starlette's own limits)."""
+    """The multipart form; too many files is a 413, any other malformed form a 422 (Starlette's own checks)."""
     try:
         return await request.form(max_files=max_files, max_fields=max_fields)
     except HTTPException as exc:
         if "Too many files" in str(exc.detail):
             raise PayloadTooLarge(f"too many files in one request; the limit is {max_files}") from None
-        raise
+        raise InvalidInput(f"malformed multipart body: {exc.detail}") from None
 
 
 async def read_frames(request: Request, max_frames: int, embedding_size: int, style_size: int) -> list[Frame]:

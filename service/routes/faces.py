@@ -23,7 +23,7 @@ from service.schemas import (
 )
 
 router = APIRouter(dependencies=[Authenticated, Admitted], responses={
-    s: {"model": Problem} for s in (401, 413, 415, 422, 429, 503)})
+    s: {"model": Problem} for s in (400, 401, 413, 415, 422, 429, 503)})
 
 
 @router.post("/embed", response_model=EmbedResponse, response_model_exclude_unset=True,  # style only when asked

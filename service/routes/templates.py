@@ -19,7 +19,7 @@ from service.schemas import (
 )
 
 router = APIRouter(prefix="/templates", tags=["templates"], dependencies=[Authenticated, Admitted],
-                   responses={s: {"model": Problem} for s in (401, 404, 409, 413, 415, 422, 429, 503)})
+                   responses={s: {"model": Problem} for s in (400, 401, 404, 409, 413, 415, 422, 429, 503)})
 
 TemplateId = Annotated[str, Path(pattern=r"^[A-Za-z0-9._:@-]{1,128}$", description="The identity's template id")]
 

@@ -126,3 +126,11 @@ def test_redis_down_is_503_for_what_needs_it(redis_available):
         r = c.get("/templates/someone")
         assert r.status_code == 503 and r.json()["error"]["code"] == "unavailable" and r.headers["Retry-After"] == "5"
         assert c.post("/verify", json={"a": {"embedding": [1.0] * 128}, "b": {"embedding": [1.0] * 128}}).status_code == 200
+
+
+def test_a_malformed_multipart_form_is_422(small_client):
+    boundary = "b0undary"
+    fields = "".join(f'--{boundary}\r\nContent-Disposition: form-data; name="f{i}"\r\n\r\nx\r\n' for i in range(40))
+    r = small_client.post("/verify", content=(fields + f"--{boundary}--\r\n").encode(),
+                          headers={"content-type": f"multipart/form-data; boundary={boundary}"})
+    assert r.status_code == 422 and r.json()["error"]["code"] == "invalid_input" and "multipart" in r.json()["error"]["message"]
