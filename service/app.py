@@ -20,11 +20,14 @@ from engines.model_card import ModelCard
 from engines.pipeline import FacePipeline
 from service import errors
 from service.faces import FaceService
+from service.gallery import GalleryService
+from service.gallery_store import GalleryStore
 from service.limits import BodySizeLimit
 from service.metrics import Metrics, MetricsMiddleware
 from service.redis_store import EmbeddedRedis, connect
 from service.routes import docs, openapi
 from service.routes import faces as face_routes
+from service.routes import gallery as gallery_routes
 from service.routes import health as health_routes
 from service.routes import templates as template_routes
 from service.settings import Settings, get_settings
@@ -87,6 +90,8 @@ async def lifespan(app: FastAPI):
     state.redis = connect(url)
     state.faces = FaceService(pipeline, state.batcher, state.metrics, settings.max_image_pixels)
     state.templates, state.templates_off = build_templates(settings, state)
+    state.gallery = GalleryService(state.faces, GalleryStore(state.redis, settings.key_prefix, pipeline.card.embedding_size),
+                                   state.templates)
     card = pipeline.card
     state.metrics.model.info({"name": card.name, "version": card.version, "engine": pipeline.engine.name})
     try:
@@ -112,6 +117,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(health_routes.router)
     app.include_router(face_routes.router)
     app.include_router(template_routes.router)
+    app.include_router(gallery_routes.router)
     openapi.install(app)
     docs.install(app)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)

@@ -7,6 +7,7 @@ from fastapi import Depends, Request
 
 from service.errors import Overloaded, Unavailable
 from service.faces import FaceService
+from service.gallery import GalleryService
 from service.settings import Settings
 from service.templates import TemplateService
 
@@ -26,7 +27,12 @@ def _templates(request: Request) -> TemplateService:
     return templates
 
 
+def _gallery(request: Request) -> GalleryService:
+    return request.app.state.gallery
+
+
 Faces = Annotated[FaceService, Depends(_faces)]
+Gallery = Annotated[GalleryService, Depends(_gallery)]
 Templates = Annotated[TemplateService, Depends(_templates)]
 AppSettings = Annotated[Settings, Depends(_settings)]
 

@@ -17,7 +17,14 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 
 from service.errors import InvalidInput, PayloadTooLarge, UnsupportedMediaType
-from service.schemas import EmbedRequest, FramesRequest, VerifyRequest, VerifySide
+from service.schemas import (
+    EmbedRequest,
+    FramesRequest,
+    GalleryEnrolRequest,
+    GallerySearchRequest,
+    VerifyRequest,
+    VerifySide,
+)
 
 MULTIPART, JSON, FORM = "multipart/form-data", "application/json", "application/x-www-form-urlencoded"
 
@@ -115,6 +122,36 @@ async def read_frames(request: Request, max_frames: int, embedding_size: int, st
             raw, style = parse_precomputed(i, f.embedding, f.magnitude, f.style, embedding_size, style_size)
             frames.append(Frame(i, f.frame_id, raw=raw, style=style))
     return frames
+
+
+@dataclass(frozen=True)
+class GalleryInput:
+    images: list[bytes] | None = None
+    embedding: list[float] | None = None
+    template_id: str | None = None
+    top_k: int | None = None
+    far: float | None = None
+
+
+async def read_gallery(request: Request, max_images: int, search: bool) -> GalleryInput:
+    """/gallery bodies: multipart `images` (search: + `top_k`, `far` fields), or the JSON request models."""
+    if content_type(request) == MULTIPART:
+        form = await _form(request, max_files=max_images, max_fields=16)
+        images = [await _file_bytes(f, "images") for f in form.getlist("images")]
+        if not images:
+            raise InvalidInput("no images: send one or more files in the multipart field 'images'")
+        _check_count(len(images), max_images)
+        top_k, far = form.get("top_k"), form.get("far")
+        return GalleryInput(images=images, top_k=int(_float(top_k, "top_k")) if top_k else None,
+                            far=_float(far, "far") if far else None)
+    body = _parse(await request.body(), GallerySearchRequest if search else GalleryEnrolRequest)
+    images = None
+    if body.images is not None:
+        _check_count(len(body.images), max_images)
+        images = [b64decode(item.data, f"images[{i}]") for i, item in enumerate(body.images)]
+    if search:
+        return GalleryInput(images=images, embedding=body.embedding, top_k=body.top_k, far=body.far)
+    return GalleryInput(images=images, embedding=body.embedding, template_id=body.template_id)
 
 
 def b64decode(text: str, label: str) -> bytes:

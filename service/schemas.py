@@ -60,6 +60,32 @@ class FramesRequest(_Strict):
     frames: list[FrameData] = Field(min_length=1)
 
 
+class GalleryEnrolRequest(_Strict):
+    images: list[ImageData] | None = Field(default=None, min_length=1, description="Photos of the identity "
+                                           "(their largest faces, fused with CAFace where it runs)")
+    embedding: list[float] | None = Field(default=None, description="Or an embedding of the served model")
+    template_id: str | None = Field(default=None, description="Or a CAFace template's fused embedding")
+
+    @model_validator(mode="after")
+    def _one(self) -> GalleryEnrolRequest:
+        if sum(v is not None for v in (self.images, self.embedding, self.template_id)) != 1:
+            raise ValueError("give exactly one of 'images', 'embedding' or 'template_id'")
+        return self
+
+
+class GallerySearchRequest(_Strict):
+    images: list[ImageData] | None = Field(default=None, min_length=1, description="Queries: the largest face of each")
+    embedding: list[float] | None = Field(default=None, description="Or one query embedding")
+    top_k: int | None = Field(default=None, ge=1, le=1000)
+    far: float | None = Field(default=None, gt=0, lt=1)
+
+    @model_validator(mode="after")
+    def _one(self) -> GallerySearchRequest:
+        if (self.images is None) == (self.embedding is None):
+            raise ValueError("give exactly one of 'images' or 'embedding'")
+        return self
+
+
 # ---- responses --------------------------------------------------------------------------
 
 
@@ -128,6 +154,32 @@ class TemplateResponse(BaseModel):
 class Deleted(BaseModel):
     id: str
     deleted: bool
+
+
+class Enrolled(BaseModel):
+    id: str
+    gallery: str
+    count: int = Field(description="Identities in the gallery after this enrolment")
+
+
+class Match(BaseModel):
+    id: str
+    similarity: float
+
+
+class SearchResultOut(BaseModel):
+    matches: list[Match] = Field(description="Best first; empty for an image without a face")
+    identified: str | None = Field(description="The best match when its similarity reaches the threshold")
+    threshold: float = Field(description="The model card's calibrated threshold at the requested FAR")
+
+
+class SearchResponse(BaseModel):
+    results: list[SearchResultOut]
+
+
+class GalleryInfo(BaseModel):
+    count: int
+    index: str
 
 
 class Check(BaseModel):
