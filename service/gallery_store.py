@@ -2,13 +2,15 @@
 
 Keys of gallery <g> (the `{g}` hash tag keeps them in one Redis Cluster slot):
     <prefix>gal:{<g>}:emb    hash: identity id -> its unit embedding (D little-endian float32)
-    <prefix>gal:{<g>}:log    stream of changes: op put (id, vec) | op del (id), trimmed to ~LOG_LENGTH
+    <prefix>gal:{<g>}:log    stream of changes: op put|del, id (no vectors), trimmed to ~LOG_LENGTH
 
 A write is one Lua script that changes the hash and appends to the log together, so a replica
 that applies the log in order always ends at the hash's state. A replica catches up by reading
 the log after the last entry it applied; one that fell behind the trimmed log (or starts cold)
 reloads the whole hash, then applies the log from the entry it read first (re-applying a put or
-a delete is harmless).
+a delete is harmless). A put is applied with the identity's vector as the hash holds it when the
+replica reads the log: a later put or delete of the same identity is further on in the log, so
+the replica still ends at the hash's state, and the log stays small (ids only).
 """
 from __future__ import annotations
 
@@ -19,11 +21,11 @@ import redis.asyncio as aioredis
 
 from service.template_store import check_id
 
-LOG_LENGTH = 100_000
+LOG_LENGTH = 20_000  # changes a replica may fall behind by before it reloads the whole gallery
 
 PUT_LUA = r"""
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
-return redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], '*', 'op', 'put', 'id', ARGV[1], 'vec', ARGV[2])
+return redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], '*', 'op', 'put', 'id', ARGV[1])
 """
 
 DEL_LUA = r"""
@@ -39,7 +41,7 @@ class Change:
     entry: str  # stream entry id
     op: str  # "put" or "del"
     identity: str
-    vector: np.ndarray | None  # (D,) float32 for put
+    vector: np.ndarray | None  # (D,) float32: the hash's vector for a put (None: deleted since)
 
 
 def entry_key(entry: str) -> tuple[int, int]:
@@ -86,11 +88,14 @@ class GalleryStore:
         # the oldest kept entry is newer than ours: what came between may be trimmed away
         gap = bool(first) and entry != "0-0" and entry_key(first[0][0].decode()) > entry_key(entry)
         raw = await self.client.xrange(log, min=f"({entry}", count=count)
+        entries = [(e.decode(), f[b"op"].decode(), f[b"id"].decode()) for e, f in raw]
+        puts = sorted({identity for _, op, identity in entries if op == "put"})
+        blobs = dict(zip(puts, await self.client.hmget(self.keys(gallery)[0], puts))) if puts else {}
         changes = []
-        for entry_id, fields in raw:
-            op, identity = fields[b"op"].decode(), fields[b"id"].decode()
-            vec = np.frombuffer(fields[b"vec"], dtype="<f4") if op == "put" else None
-            changes.append(Change(entry_id.decode(), op, identity, vec))
+        for entry_id, op, identity in entries:
+            blob = blobs.get(identity) if op == "put" else None
+            vec = np.frombuffer(blob, dtype="<f4") if blob is not None else None
+            changes.append(Change(entry_id, op if vec is not None else "del", identity, vec))
         return changes, gap
 
     async def drop(self, gallery: str) -> None:
