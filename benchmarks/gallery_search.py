@@ -41,12 +41,13 @@ async def fill(url: str, prefix: str, gallery: str, n: int) -> None:
         vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
         chunks = np.array_split(np.arange(len(vectors)), 32)  # 32 connections, each writing its share in turn
 
-        async def write(rows) -> None:
-            for i in rows:
-                await store.put(gallery, f"id{start + i}", vectors[i])
-
-        await asyncio.gather(*(write(rows) for rows in chunks))
+        await asyncio.gather(*(_write(store, gallery, start, vectors, rows) for rows in chunks))
     await client.aclose()
+
+
+async def _write(store: GalleryStore, gallery: str, start: int, vectors: np.ndarray, rows: np.ndarray) -> None:
+    for i in rows:
+        await store.put(gallery, f"id{start + i}", vectors[i])
 
 
 async def load(base: str, gallery: str, clients: int, seconds: float) -> tuple[int, list[float]]:
