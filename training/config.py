@@ -121,16 +121,22 @@ def _apply_override(tree: dict, dotted: str) -> None:
     node[leaf] = yaml.safe_load(raw)
 
 
-def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
-    """Read a YAML config (a path, or the name of a shipped config) and validate it."""
+def load_tree(path: str | Path, config_dir: Path, overrides: list[str] | tuple[str, ...] = ()) -> dict:
+    """A YAML config's tree (a path, or the name of a config shipped in `config_dir`), overrides applied,
+    `name` defaulting to the file's stem."""
     path = Path(path)
-    if not path.is_file() and (CONFIG_DIR / f"{path}.yaml").is_file():
-        path = CONFIG_DIR / f"{path}.yaml"
+    if not path.is_file() and (config_dir / f"{path}.yaml").is_file():
+        path = config_dir / f"{path}.yaml"
     tree = yaml.safe_load(path.read_text()) or {}
     for o in overrides:
         _apply_override(tree, o)
     tree.setdefault("name", path.stem)
-    return TrainConfig(**tree)
+    return tree
+
+
+def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
+    """Read a YAML config (a path, or the name of a shipped config) and validate it."""
+    return TrainConfig(**load_tree(path, CONFIG_DIR, overrides))
 
 
 def shipped_configs() -> list[Path]:

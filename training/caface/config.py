@@ -8,11 +8,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
 from training.caface.model import FusionArch
-from training.config import _apply_override
+from training.config import load_tree
 
 CAFACE_CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs" / "caface"
 
@@ -65,11 +64,4 @@ def caface_configs() -> list[Path]:
 
 
 def load_caface_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> CAFaceConfig:
-    path = Path(path)
-    if not path.is_file() and (CAFACE_CONFIG_DIR / f"{path}.yaml").is_file():
-        path = CAFACE_CONFIG_DIR / f"{path}.yaml"
-    tree = yaml.safe_load(path.read_text()) or {}
-    for o in overrides:
-        _apply_override(tree, o)
-    tree.setdefault("name", path.stem)
-    return CAFaceConfig(**tree)
+    return CAFaceConfig(**load_tree(path, CAFACE_CONFIG_DIR, overrides))
