@@ -13,17 +13,15 @@ its person) and the false positive identification rate (a non-mated probe identi
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import uuid
 from pathlib import Path
 
 import httpx
 import numpy as np
-import redis
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from service_throughput import free_port, start_service
+from service_throughput import running_service
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -48,29 +46,18 @@ def main(argv=None) -> None:
     emb = data["embedding"][:, 0]  # (N, D) raw, clean variant
     enrolled, probes = split(data["labels"])
     prefix = f"faceset-bench-{uuid.uuid4().hex[:6]}:"
-    os.environ["FACESET_KEY_PREFIX"] = prefix
-    port = free_port()
-    service = start_service(port, args.redis_url)
-    base, headers = f"http://127.0.0.1:{port}", {"X-Gallery": "identification"}
-    try:
-        with httpx.Client(timeout=60) as http:
-            for y, row in enrolled.items():
-                http.post(f"{base}/gallery/id{y}", json={"embedding": emb[row].tolist()}, headers=headers).raise_for_status()
-            fars = [1e-2, 1e-3, 1e-4]  # the default card's calibrated FARs
-            results = {far: [] for far in fars}
-            for row, y in probes:
-                for far in fars:
-                    r = http.post(f"{base}/gallery/search", json={"embedding": emb[row].tolist(), "top_k": 1, "far": far},
-                                  headers=headers)
-                    r.raise_for_status()
-                    results[far].append((y, r.json()["results"][0]))
-    finally:
-        service.terminate()
-        service.wait(30)
-        client = redis.Redis.from_url(args.redis_url)
-        keys = list(client.scan_iter(match=f"{prefix}*"))
-        if keys:
-            client.delete(*keys)
+    headers = {"X-Gallery": "identification"}
+    with running_service(args.redis_url, prefix) as base, httpx.Client(timeout=60) as http:
+        for y, row in enrolled.items():
+            http.post(f"{base}/gallery/id{y}", json={"embedding": emb[row].tolist()}, headers=headers).raise_for_status()
+        fars = [1e-2, 1e-3, 1e-4]  # the default card's calibrated FARs
+        results = {far: [] for far in fars}
+        for row, y in probes:
+            for far in fars:
+                r = http.post(f"{base}/gallery/search", json={"embedding": emb[row].tolist(), "top_k": 1, "far": far},
+                              headers=headers)
+                r.raise_for_status()
+                results[far].append((y, r.json()["results"][0]))
     mated = [(y, res) for y, res in results[fars[0]] if y in enrolled]
     rank1 = np.mean([res["matches"][0]["id"] == f"id{y}" for y, res in mated])
     print(f"{len(enrolled)} enrolled identities (one image each), {len(mated)} mated and "

@@ -25,7 +25,7 @@ import redis
 import redis.asyncio as aioredis
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from service_throughput import free_port, start_service
+from service_throughput import running_service
 
 from service.gallery_store import GalleryStore
 
@@ -79,13 +79,9 @@ def main(argv=None) -> None:
     ap.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
     args = ap.parse_args(argv)
     prefix = f"faceset-bench-{uuid.uuid4().hex[:6]}:"
-    os.environ["FACESET_KEY_PREFIX"] = prefix
-    port = free_port()
-    service = start_service(port, args.redis_url)
-    base = f"http://127.0.0.1:{port}"
     r = redis.Redis.from_url(args.redis_url)
     rows = []
-    try:
+    with running_service(args.redis_url, prefix) as base:
         for n in args.sizes:
             gallery = f"bench{n}"
             t0 = time.perf_counter()
@@ -101,12 +97,6 @@ def main(argv=None) -> None:
                 done, lat = asyncio.run(load(base, gallery, clients, args.seconds))
                 rows.append((n, count, n / filled, cold, per_id, log_bytes, clients, done / args.seconds,
                              np.percentile(lat, 50) * 1e3, np.percentile(lat, 99) * 1e3))
-    finally:
-        service.terminate()
-        service.wait(30)
-        keys = list(r.scan_iter(match=f"{prefix}*"))
-        if keys:
-            r.delete(*keys)
     print(f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; Redis {r.info()['redis_version']} "
           f"local; FAISS exact inner product (CPU); {DIM}-d; {args.seconds:g} s per row\n")
     print("| identities | writes/s (Lua put, 32 connections) | cold load of a replica (s) | Redis bytes per identity (hash) | change log (bytes) | clients | searches/s | p50 ms | p99 ms |")

@@ -20,10 +20,12 @@ import socket
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
 import numpy as np
+import redis
 from PIL import Image
 
 from engines.base import build_engine, embed_aligned
@@ -47,8 +49,27 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_service(port: int, redis_url: str) -> subprocess.Popen:
+@contextmanager
+def running_service(redis_url: str, prefix: str | None = None):
+    """`faceset serve` on a free port (its keys under `prefix`, erased afterwards): yields its base URL."""
+    port = free_port()
+    service = start_service(port, redis_url, prefix)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        service.terminate()
+        service.wait(30)
+        if prefix:
+            client = redis.Redis.from_url(redis_url)
+            keys = list(client.scan_iter(match=f"{prefix}*"))
+            if keys:
+                client.delete(*keys)
+
+
+def start_service(port: int, redis_url: str, prefix: str | None = None) -> subprocess.Popen:
     env = {**os.environ, "FACESET_REDIS_URL": redis_url, "FACESET_LOG_LEVEL": "warning"}
+    if prefix:
+        env["FACESET_KEY_PREFIX"] = prefix
     proc = subprocess.Popen([sys.executable, "-m", "service.cli", "serve", "--port", str(port)], env=env, cwd=REPO,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 60
@@ -125,18 +146,13 @@ def main(argv=None) -> None:
     card = ModelCard.load(args.card)
     photos = lfw_photos(get_settings().data_dir, args.photos)
     photos, crops, detect_rate = one_face_photos(card, photos)
-    port = free_port()
-    service = start_service(port, args.redis_url)
-    try:
-        rows = []
-        url = f"http://127.0.0.1:{port}/embed"
+    rows = []
+    with running_service(args.redis_url) as base:
+        url = f"{base}/embed"
         asyncio.run(load(url, photos, 2, 2.0))  # warm-up
         for clients in args.clients:
             n, lat, errors = asyncio.run(load(url, photos, clients, args.seconds))
             rows.append((clients, n / args.seconds, np.percentile(lat, 50) * 1e3, np.percentile(lat, 99) * 1e3, errors))
-    finally:
-        service.terminate()
-        service.wait(30)
     engine = {b: engine_rate(card, crops, b, args.seconds / 2) for b in (1, 16)}
     best = max(engine.values())
     print(f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; model {card.name} {card.version} "

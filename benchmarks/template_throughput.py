@@ -25,7 +25,7 @@ import numpy as np
 import redis
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from service_throughput import free_port, lfw_photos, start_service
+from service_throughput import lfw_photos, running_service
 
 
 async def load(base: str, make_request, clients: int, seconds: float, tag: str) -> tuple[int, list[float], int]:
@@ -83,12 +83,8 @@ def main(argv=None) -> None:
 
     photos = lfw_photos(get_settings().data_dir, 64)
     prefix = f"faceset-bench-{uuid.uuid4().hex[:6]}:"
-    os.environ["FACESET_KEY_PREFIX"] = prefix
-    port = free_port()
-    service = start_service(port, args.redis_url)
-    base = f"http://127.0.0.1:{port}"
     rows = []
-    try:
+    with running_service(args.redis_url, prefix) as base:
         frames = precomputed_frames(base, photos)
         kinds = {
             "precomputed embedding + style": lambda k, i: {"json": {"frames": [frames[(k + i) % len(frames)]]}},
@@ -99,13 +95,6 @@ def main(argv=None) -> None:
                 n, lat, errors = asyncio.run(load(base, make, clients, args.seconds, f"{clients}-{kind[:3]}"))
                 rows.append((kind, clients, n / args.seconds, np.percentile(lat, 50) * 1e3, np.percentile(lat, 99) * 1e3, errors))
         growth = {ids: memory_growth(base, frames, args.redis_url, prefix, ids) for ids in (False, True)}
-    finally:
-        service.terminate()
-        service.wait(30)
-        r = redis.Redis.from_url(args.redis_url)
-        keys = list(r.scan_iter(match=f"{prefix}*"))
-        if keys:
-            r.delete(*keys)
     print(f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; Redis {redis.Redis.from_url(args.redis_url).info()['redis_version']} "
           f"on the same machine; {args.seconds:g} s per row\n")
     print("| frames sent as | clients | appends/s | p50 ms | p99 ms | errors |")
