@@ -62,13 +62,12 @@ def build_templates(settings: Settings, state) -> tuple[TemplateService | None, 
     if not isinstance(state.batcher.engine, StyleRowsEngine):
         return None, f"the {settings.engine} runtime does not return the model's CAFace style output"
     fusion = FusionModel.load(settings.fusion_card)
-    rec = fusion.card.recognition
-    if rec.onnx_sha256 != card.files.onnx.sha256:  # its inputs are that exact model's outputs
-        return None, (f"fusion model {fusion.card.name} {fusion.card.version} was trained on {rec.name} {rec.version}, "
-                      f"not on the served {card.name} {card.version}")
     store = TemplateStore(state.redis, settings.key_prefix, fusion.memory_size, model_id(fusion),
                           settings.template_id_window)
-    return TemplateService(state.faces, fusion, store, state.metrics, settings.min_face_size), None
+    try:
+        return TemplateService(state.faces, fusion, store, state.metrics, settings.min_face_size), None
+    except ValueError as exc:  # the fusion model was trained on another recognition model
+        return None, str(exc)
 
 
 @asynccontextmanager

@@ -59,15 +59,8 @@ def content_type(request: Request, allowed: tuple[str, ...] = (MULTIPART, JSON))
 async def read_images(request: Request, max_images: int) -> list[bytes]:
     """The request's images (multipart field `images`, or JSON {"images": [{"data": base64}]})."""
     if content_type(request) == MULTIPART:
-        form = await _form(request, max_files=max_images, max_fields=16)
-        images = [await _file_bytes(f, "images") for f in form.getlist("images")]
-        if not images:
-            raise InvalidInput("no images: send one or more files in the multipart field 'images'")
-    else:
-        body = _parse(await request.body(), EmbedRequest)
-        images = [b64decode(item.data, f"images[{i}]") for i, item in enumerate(body.images)]
-    _check_count(len(images), max_images)
-    return images
+        return await _form_images(await _form(request, max_files=max_images, max_fields=16), max_images)
+    return _b64_images(_parse(await request.body(), EmbedRequest).images, max_images)
 
 
 async def read_verify(request: Request) -> tuple[Side, Side, float | None]:
@@ -137,18 +130,12 @@ async def read_gallery(request: Request, max_images: int, search: bool) -> Galle
     """/gallery bodies: multipart `images` (search: + `top_k`, `far` fields), or the JSON request models."""
     if content_type(request) == MULTIPART:
         form = await _form(request, max_files=max_images, max_fields=16)
-        images = [await _file_bytes(f, "images") for f in form.getlist("images")]
-        if not images:
-            raise InvalidInput("no images: send one or more files in the multipart field 'images'")
-        _check_count(len(images), max_images)
+        images = await _form_images(form, max_images)
         top_k, far = form.get("top_k"), form.get("far")
         return GalleryInput(images=images, top_k=int(_float(top_k, "top_k")) if top_k else None,
                             far=_float(far, "far") if far else None)
     body = _parse(await request.body(), GallerySearchRequest if search else GalleryEnrolRequest)
-    images = None
-    if body.images is not None:
-        _check_count(len(body.images), max_images)
-        images = [b64decode(item.data, f"images[{i}]") for i, item in enumerate(body.images)]
+    images = None if body.images is None else _b64_images(body.images, max_images)
     if search:
         return GalleryInput(images=images, embedding=body.embedding, top_k=body.top_k, far=body.far)
     return GalleryInput(images=images, embedding=body.embedding, template_id=body.template_id)
@@ -212,6 +199,19 @@ def _parse(raw: bytes, model: type[BaseModel]):
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first.get("loc", ())) or "body"
         raise InvalidInput(f"{where}: {first.get('msg', 'invalid')}") from None
+
+
+async def _form_images(form, max_images: int) -> list[bytes]:
+    images = [await _file_bytes(f, "images") for f in form.getlist("images")]
+    if not images:
+        raise InvalidInput("no images: send one or more files in the multipart field 'images'")
+    _check_count(len(images), max_images)
+    return images
+
+
+def _b64_images(items, max_images: int) -> list[bytes]:
+    _check_count(len(items), max_images)
+    return [b64decode(item.data, f"images[{i}]") for i, item in enumerate(items)]
 
 
 def _check_count(n: int, max_images: int) -> None:

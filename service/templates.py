@@ -65,8 +65,10 @@ class TemplateService:
         self.faces, self.fusion, self.store, self.metrics = faces, fusion, store, metrics
         self.card = faces.card
         self.min_face_size = min_face_size
-        if fusion.card.recognition.onnx_sha256 != self.card.files.onnx.sha256:
-            raise ValueError(f"fusion model {fusion.card.name} was not trained on {self.card.name} {self.card.version}")
+        rec = fusion.card.recognition
+        if rec.onnx_sha256 != self.card.files.onnx.sha256:  # its inputs are that exact model's outputs
+            raise ValueError(f"fusion model {fusion.card.name} {fusion.card.version} was trained on {rec.name} "
+                             f"{rec.version}, not on the served {self.card.name} {self.card.version}")
 
     async def add_frames(self, template_id: str, frames: list[Frame], min_quality: float) -> FramesOutcome:
         check_id(template_id)
