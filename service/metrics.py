@@ -1,7 +1,8 @@
 """Prometheus metrics: one registry per app (tests build many apps), served at GET /metrics.
 
-Requests are labelled by route template (`/templates/{id}/frames`, never the id) so label
-cardinality stays bounded; unmatched paths share the label "unmatched".
+Every label comes from a fixed set, so no client can grow the registry: requests are labelled
+by route template (`/templates/{id}/frames`, never the id), unmatched paths share the label
+"unmatched", and methods outside the standard ones share "other".
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from engines.batcher import BatchRecord
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 QUALITY_BUCKETS = tuple(i / 10 for i in range(1, 11))
+METHODS = frozenset({"GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS"})
 
 
 class Metrics:
@@ -86,5 +88,6 @@ class MetricsMiddleware:
             route = scope.get("route")
             label = getattr(route, "path", None) or "unmatched"
             method = scope.get("method", "")
+            method = method if method in METHODS else "other"
             self.metrics.requests.labels(label, method, str(status)).inc()
             self.metrics.latency.labels(label, method).observe(time.perf_counter() - started)
