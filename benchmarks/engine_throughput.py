@@ -76,7 +76,7 @@ async def _clients(batcher: DynamicBatcher, size: int, clients: int, seconds: fl
     async def client() -> None:
         nonlocal done
         while time.perf_counter() < stop:
-            await batcher.embed(face)
+            await batcher.run(face)
             done += 1
 
     t0 = time.perf_counter()

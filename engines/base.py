@@ -1,10 +1,14 @@
-"""The one engine interface: a batch of preprocessed faces in, raw embeddings out.
+"""The one engine interface: a batch of preprocessed faces in, named raw outputs out.
 
 Every runtime (ONNX Runtime, TensorRT, torch) implements `Engine` and registers in ENGINES; the
-batcher and the routes see only this interface. Around it:
-  preprocess     aligned uint8 RGB faces -> the network's float32 input, as the model card says
-  embed_aligned  preprocess, embed, and the card's flip test-time augmentation: the one path from
-                 aligned faces to raw embeddings, so every caller treats a model the same way
+batcher and the routes see only this interface. An engine returns a dict of outputs, one row per
+face: "embedding" always, "style" (CAFace style statistics) where the model and runtime have it;
+`Engine.outputs` declares which, with each row's width. Around it:
+  preprocess   aligned uint8 RGB faces -> the network's float32 input, as the model card says
+  with_tta     the network input under the card's flip test-time augmentation
+  merge_tta    the one place TTA views are combined, for every output
+  run_aligned  preprocess, run, merge: the one path from aligned faces to per-face outputs, so
+               every caller treats a model the same way (`embed_aligned`: its embeddings alone)
 Embeddings stay raw (not normalised): their norms are the MagFace magnitudes, i.e. the quality.
 
 Nothing here imports torch.
@@ -14,11 +18,12 @@ from __future__ import annotations
 import importlib
 import logging
 from abc import ABC, abstractmethod
+from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 import numpy as np
 
-from engines.model_card import ModelCard, ModelCardError
+from engines.model_card import ModelCard
 from engines.registry import Registry
 
 log = logging.getLogger(__name__)
@@ -33,6 +38,8 @@ RUNTIME_MODULES: dict[str, str] = {
     "tensorrt": "engines.tensorrt_engine",
 }
 
+EMBEDDING, STYLE = "embedding", "style"
+
 
 class EngineInputError(ValueError):
     """A batch the engine cannot take (wrong shape, dtype or size)."""
@@ -43,18 +50,20 @@ class Engine(Protocol):
     """What every runtime provides.
 
     name: identifies the engine instance in logs and metrics (runtime and model).
-    max_batch_size: the most faces one inference runs; `embed` takes any N and splits it.
+    max_batch_size: the most faces one inference runs; `run` takes any N and splits it.
     input_size: side S of the square input.
     embedding_size: D.
+    outputs: the names `run` returns -> the width of their rows, e.g. {"embedding": D, "style": S}.
     """
 
     name: str
     max_batch_size: int
     input_size: int
     embedding_size: int
+    outputs: dict[str, int]
 
-    def embed(self, batch: np.ndarray) -> np.ndarray:
-        """(N, 3, S, S) float32, already preprocessed -> (N, D) float32 raw embeddings."""
+    def run(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+        """(N, 3, S, S) float32, already preprocessed -> {name: (N, width) float32} for every declared output."""
         ...
 
     def health(self) -> bool:
@@ -62,21 +71,52 @@ class Engine(Protocol):
         ...
 
 
-class ChunkedEngine(ABC):
-    """Input checks, chunking to max_batch_size and the health check, shared by the runtimes.
+def card_outputs(card: ModelCard) -> dict[str, int]:
+    """The outputs of the card's graph -> their widths: what a runtime running the whole graph returns."""
+    outputs = {EMBEDDING: card.embedding_size}
+    if card.outputs.style is not None:
+        outputs[STYLE] = 2 * sum(card.outputs.style_channels)
+    return outputs
 
-    A runtime sets the four attributes of `Engine` and implements `_infer` for one chunk of at
+
+def graph_outputs(card: ModelCard) -> dict[str, str]:
+    """The outputs of the card's graph -> the graph's own names for them."""
+    names = {EMBEDDING: card.outputs.embedding}
+    if card.outputs.style is not None:
+        names[STYLE] = card.outputs.style
+    return names
+
+
+class ChunkedEngine(ABC):
+    """Card loading, input checks, chunking to max_batch_size and the health check, shared by the runtimes.
+
+    A runtime calls `_use_card`, sets max_batch_size and implements `_infer` for one chunk of at
     most max_batch_size faces.
     """
 
+    runtime: str
+    card: ModelCard
     name: str
     max_batch_size: int
     input_size: int
     embedding_size: int
+    outputs: dict[str, int]
+
+    def _use_card(self, card: ModelCard | str | Path, verify: bool, names: tuple[str, ...] | None = None) -> None:
+        """Load the card (a ModelCard, a card.yaml or its folder; verify: check its files' sha256) and take the
+        engine's name, sizes and declared outputs from it (names: the outputs this runtime returns, default all)."""
+        if not isinstance(card, ModelCard):
+            card = ModelCard.load(card, verify=verify)
+        elif verify:
+            card.verify_files()
+        self.card = card
+        self.name = f"{self.runtime}:{card.name}:{card.version}"
+        self.input_size, self.embedding_size = card.input.size, card.embedding_size
+        self.outputs = {name: width for name, width in card_outputs(card).items() if names is None or name in names}
 
     @abstractmethod
-    def _infer(self, chunk: np.ndarray) -> np.ndarray:
-        """(n ≤ max_batch_size, 3, S, S) float32 -> (n, D) float32."""
+    def _infer(self, chunk: np.ndarray) -> dict[str, np.ndarray]:
+        """(n ≤ max_batch_size, 3, S, S) float32 -> {name: (n, width) float32} for every declared output."""
 
     def check_batch(self, batch: np.ndarray) -> np.ndarray:
         """The batch as contiguous float32 (N, 3, S, S), or EngineInputError saying what is wrong."""
@@ -92,20 +132,31 @@ class ChunkedEngine(ABC):
         step = self.max_batch_size
         return [batch[i : i + step] for i in range(0, len(batch), step)]
 
-    def embed(self, batch: np.ndarray) -> np.ndarray:
+    def run(self, batch: np.ndarray) -> dict[str, np.ndarray]:
         batch = self.check_batch(batch)
-        if not len(batch):
-            return np.zeros((0, self.embedding_size), dtype=np.float32)
-        return np.concatenate([self._infer(chunk) for chunk in self.chunks(batch)])  # (N, D)
+        parts = [self._checked(chunk, self._infer(chunk)) for chunk in self.chunks(batch)]
+        return {name: np.concatenate([p[name] for p in parts]) if parts else np.zeros((0, width), np.float32)
+                for name, width in self.outputs.items()}  # {name: (N, width)}
+
+    def embed(self, batch: np.ndarray) -> np.ndarray:
+        """`run(batch)["embedding"]`: (N, D) raw embeddings, for callers that want nothing else."""
+        return self.run(batch)[EMBEDDING]
+
+    def _checked(self, chunk: np.ndarray, out: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        for name, width in self.outputs.items():
+            got = out[name].shape if name in out else "nothing"
+            if got != (len(chunk), width):
+                raise RuntimeError(f"{self.name}: output {name!r} is {got}, expected ({len(chunk)}, {width})")
+        return out
 
     def health(self) -> bool:
         probe = np.zeros((1, 3, self.input_size, self.input_size), dtype=np.float32)
         try:
-            out = self.embed(probe)
+            out = self.run(probe)
         except Exception:  # health reports, never raises: whatever the runtime throws means "cannot serve"
             log.exception("%s: health check inference failed", self.name)
             return False
-        return out.shape == (1, self.embedding_size) and bool(np.isfinite(out).all())
+        return all(bool(np.isfinite(rows).all()) for rows in out.values())
 
 
 def build_engine(runtime: str, **kwargs) -> Engine:
@@ -139,65 +190,37 @@ def preprocess(faces: np.ndarray, card: ModelCard) -> np.ndarray:
     return np.ascontiguousarray(x.transpose(0, 3, 1, 2))  # (N, 3, S, S)
 
 
-def embed_aligned(engine: Engine, card: ModelCard, faces: np.ndarray) -> np.ndarray:
-    """Raw embeddings (N, D) of aligned uint8 RGB faces (N, S, S, 3), with the card's flip TTA.
-
-    With flip_tta, f = f(x) + f(mirror(x)): the sum, not the mean, as MagFace-style magnitudes
-    and the card's quality range are measured on the same sum.
-    """
-    x = preprocess(faces, card)
-    return merge_tta(engine.embed(with_tta(x, card)), card)
-
-
 def with_tta(x: np.ndarray, card: ModelCard) -> np.ndarray:
     """The network input for `x` (N, 3, S, S) under the card's TTA: (2N, …), faces then their mirror images."""
     return np.concatenate([x, x[..., ::-1]]) if card.flip_tta else x
 
 
-def merge_tta(out: np.ndarray, card: ModelCard) -> np.ndarray:
-    """Raw embeddings (N, D) from the outputs of `with_tta`'s input."""
+# How the two views of a face combine, per output. The embedding is the sum f(x) + f(mirror x),
+# not the mean: MagFace magnitudes and the card's quality range are measured on the sum. The style
+# is the mean (σ(x) + σ(mirror x))/2: the embedding is made of both views, so its style describes
+# both, and it stays symmetric (the mirrored face gives the same frame).
+_MERGE_VIEWS = {
+    EMBEDDING: lambda a, b: a + b,
+    STYLE: lambda a, b: (a + b) / 2,
+}
+
+
+def merge_tta(outputs: dict[str, np.ndarray], card: ModelCard) -> dict[str, np.ndarray]:
+    """Per-face outputs {name: (N, width)} from the outputs of `with_tta`'s input {name: (2N, width) or (N, width)}."""
     if not card.flip_tta:
-        return out
-    n = len(out) // 2
-    return out[:n] + out[n:]
+        return dict(outputs)
+    unknown = set(outputs) - set(_MERGE_VIEWS)
+    if unknown:
+        raise ValueError(f"no flip-TTA rule for output(s) {sorted(unknown)}")
+    n = len(next(iter(outputs.values()))) // 2
+    return {name: _MERGE_VIEWS[name](rows[:n], rows[n:]) for name, rows in outputs.items()}
 
 
-class StyleRowsEngine:
-    """An `Engine` whose rows are [raw embedding (D) | style statistics (S)] of one inference.
-
-    Lets the dynamic batcher, which moves rows, carry both outputs of a card with a CAFace style
-    output; `split_rows` takes them apart again after the card's TTA.
-    """
-
-    def __init__(self, engine) -> None:
-        card = engine.card
-        if card.outputs.style is None or not hasattr(engine, "embed_with_style"):
-            raise ModelCardError(f"{engine.name}: the model has no style output, or the runtime cannot return it")
-        self.engine, self.card, self.name = engine, card, engine.name
-        self.input_size, self.max_batch_size = engine.input_size, engine.max_batch_size
-        self.style_size = 2 * sum(card.outputs.style_channels)
-        self.embedding_size = engine.embedding_size + self.style_size
-
-    def embed(self, batch: np.ndarray) -> np.ndarray:
-        embedding, style = self.engine.embed_with_style(batch)
-        return np.concatenate([embedding, style], axis=1).astype(np.float32, copy=False)  # (N, D + S)
-
-    def health(self) -> bool:
-        return self.engine.health()
+def run_aligned(engine: Engine, card: ModelCard, faces: np.ndarray) -> dict[str, np.ndarray]:
+    """Every output of the engine for aligned uint8 RGB faces (N, S, S, 3), with the card's flip TTA."""
+    return merge_tta(engine.run(with_tta(preprocess(faces, card), card)), card)
 
 
-def split_rows(rows: np.ndarray, card: ModelCard) -> tuple[np.ndarray, np.ndarray | None]:
-    """Rows of `with_tta` input -> (raw embeddings (N, D), style (N, S) or None).
-
-    With flip TTA the embedding is the sum of the two views (as `merge_tta`) and the style the
-    mean of their statistics: the embedding is made of both views, so its style describes both.
-    """
-    d = card.embedding_size
-    embedding = merge_tta(rows[:, :d], card)
-    if rows.shape[1] == d:
-        return embedding, None
-    style = rows[:, d:]
-    if card.flip_tta:
-        n = len(style) // 2
-        style = (style[:n] + style[n:]) / 2
-    return embedding, style
+def embed_aligned(engine: Engine, card: ModelCard, faces: np.ndarray) -> np.ndarray:
+    """Raw embeddings (N, D) of aligned uint8 RGB faces (N, S, S, 3), with the card's flip TTA."""
+    return run_aligned(engine, card, faces)[EMBEDDING]

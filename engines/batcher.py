@@ -2,13 +2,13 @@
 
     batcher = DynamicBatcher(engine, max_batch_size=32, max_delay_ms=5)
     await batcher.start()
-    raw = await batcher.embed(x)          # x (n, 3, S, S) float32, preprocessed -> (n, D)
+    out = await batcher.run(x)            # x (n, 3, S, S) float32, preprocessed -> {"embedding": (n, D), …}
     await batcher.stop()                  # drains what is queued (stop(drain=False) fails it)
 
 Requests queue. One worker takes the oldest request and keeps adding queued ones until the batch
 holds max_batch_size faces or max_delay_ms has passed since that oldest request was queued; then
-the batch runs as ONE `engine.embed` call on a dedicated thread (the event loop never blocks on
-inference), and each caller gets its own rows back. While a batch runs, new requests queue; the
+the batch runs as ONE `engine.run` call on a dedicated thread (the event loop never blocks on
+inference), and each caller gets its own rows of every output the engine returns. While a batch runs, new requests queue; the
 next batch starts as soon as the previous one returns, so under load batches fill without waiting
 and a lone request waits at most max_delay_ms.
 
@@ -19,8 +19,7 @@ batches at low load at the cost of that much added latency for a lone request.
 A request larger than max_batch_size is split into parts that queue one after another; its
 caller gets the rows reassembled in order. A failing inference fails exactly the callers whose
 rows were in that batch. Metrics: every batch produces a `BatchRecord` passed to `on_batch`
-(e.g. to Prometheus histograms) and summed in `stats`. `BatchedEngine` gives synchronous callers
-in other threads the `Engine` interface over a running batcher.
+(e.g. to Prometheus histograms) and summed in `stats`.
 
 Nothing here imports torch.
 """
@@ -40,7 +39,7 @@ from engines.base import Engine, EngineInputError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["BatchRecord", "BatchedEngine", "BatcherClosedError", "BatcherStats", "DynamicBatcher"]
+__all__ = ["BatchRecord", "BatcherClosedError", "BatcherStats", "DynamicBatcher"]
 
 
 class BatcherClosedError(RuntimeError):
@@ -94,7 +93,7 @@ _STOP = object()  # queued by stop(): everything queued before it is served, the
 
 
 class DynamicBatcher:
-    """Batches concurrent `embed` calls on one engine; see the module docstring.
+    """Batches concurrent `run` calls on one engine; see the module docstring.
 
     engine: any `Engine`. Its own max_batch_size caps the batch, so a batch is one inference.
     max_batch_size: the most faces per inference (default: the engine's).
@@ -169,8 +168,8 @@ class DynamicBatcher:
                 request.future.set_exception(error)
 
     # ---- requests ----------------------------------------------------------------------
-    async def embed(self, x: np.ndarray) -> np.ndarray:
-        """(n, 3, S, S) float32 preprocessed faces -> (n, D) float32 raw embeddings."""
+    async def run(self, x: np.ndarray) -> dict[str, np.ndarray]:
+        """(n, 3, S, S) float32 preprocessed faces -> {name: (n, width)} for every output of the engine."""
         s = self.engine.input_size
         if not isinstance(x, np.ndarray) or x.dtype != np.float32 or x.ndim != 4 or x.shape[1:] != (3, s, s):
             # checked here, not in the batch: one malformed request must not fail its batch-mates
@@ -179,7 +178,7 @@ class DynamicBatcher:
         if not self._accepting:
             raise BatcherClosedError("the batcher is not running (start() it; stop() was called?)")
         if not len(x):
-            return np.zeros((0, self.engine.embedding_size), dtype=np.float32)
+            return {name: np.zeros((0, width), np.float32) for name, width in self.engine.outputs.items()}
         loop = asyncio.get_running_loop()
         step = self.max_batch_size
         now = time.monotonic()
@@ -187,7 +186,9 @@ class DynamicBatcher:
         for part in parts:
             self._queue.put_nowait(part)
         rows = await asyncio.gather(*(part.future for part in parts))
-        return rows[0] if len(rows) == 1 else np.concatenate(rows)  # (n, D)
+        if len(rows) == 1:
+            return rows[0]
+        return {name: np.concatenate([r[name] for r in rows]) for name in rows[0]}  # {name: (n, width)}
 
     # ---- the worker --------------------------------------------------------------------
     async def _run(self) -> None:
@@ -208,7 +209,7 @@ class DynamicBatcher:
             return None if self._queue.empty() else self._queue.get_nowait()
         try:
             return await asyncio.wait_for(self._queue.get(), timeout)  # a timed-out get loses no item
-        except TimeoutError:
+        except asyncio.TimeoutError:  # not the builtin TimeoutError before Python 3.11
             return None
 
     async def _next_batch(self) -> tuple[list[_Request], bool]:
@@ -237,10 +238,8 @@ class DynamicBatcher:
         x = batch[0].x if len(batch) == 1 else np.concatenate([r.x for r in batch])  # (N, 3, S, S)
         error: BaseException | None = None
         try:
-            out = await asyncio.get_running_loop().run_in_executor(self._executor, self.engine.embed, x)
-            if not isinstance(out, np.ndarray) or out.ndim != 2 or len(out) != len(x):
-                raise RuntimeError(f"{self.engine.name}: embed returned {getattr(out, 'shape', type(out).__name__)} "
-                                   f"for a batch of {len(x)}")
+            out = await asyncio.get_running_loop().run_in_executor(self._executor, self.engine.run, x)
+            self._check(out, len(x))
         except Exception as exc:  # delivered to this batch's callers; the worker goes on serving
             error = exc
         ended = time.monotonic()
@@ -249,13 +248,21 @@ class DynamicBatcher:
             n = len(request.x)
             if not request.future.done():
                 if error is None:
-                    request.future.set_result(out[offset : offset + n])
+                    request.future.set_result({name: out[name][offset : offset + n] for name in self.engine.outputs})
                 else:
                     request.future.set_exception(error)
             offset += n
         self._record(BatchRecord(size=len(x), requests=len(batch),
                                  queue_wait_s=tuple(started - r.queued_at for r in batch),
                                  inference_s=ended - started, error=type(error).__name__ if error else None))
+
+    def _check(self, out, n: int) -> None:
+        """One row per face in every declared output: a broken engine fails its batch, not the slicing."""
+        expected = {name: (n, width) for name, width in self.engine.outputs.items()}
+        got = ({name: getattr(out.get(name), "shape", None) for name in expected} if isinstance(out, dict)
+               else type(out).__name__)
+        if got != expected:
+            raise RuntimeError(f"{self.engine.name}: run returned {got} for a batch of {n}, expected {expected}")
 
     def _record(self, record: BatchRecord) -> None:
         self.stats.add(record)
@@ -265,32 +272,3 @@ class DynamicBatcher:
             self.on_batch(record)
         except Exception:  # a broken metrics hook must not take serving down
             log.exception("batcher on_batch hook failed")
-
-
-class BatchedEngine:
-    """A synchronous `Engine` view of a DynamicBatcher whose event loop runs in another thread.
-
-    For sync callers (FacePipeline in a worker thread): `embed` blocks the calling thread until
-    the batch holding its rows has run. Calling it from the loop's own thread would deadlock,
-    so that is refused.
-    """
-
-    def __init__(self, batcher: DynamicBatcher, loop: asyncio.AbstractEventLoop) -> None:
-        self.batcher, self.loop = batcher, loop
-        engine = batcher.engine
-        self.name = f"batched:{engine.name}"
-        # embed takes any N (the batcher splits it); the batch one inference runs is the batcher's
-        self.max_batch_size = batcher.max_batch_size
-        self.input_size, self.embedding_size = engine.input_size, engine.embedding_size
-
-    def embed(self, batch: np.ndarray) -> np.ndarray:
-        try:
-            running = asyncio.get_running_loop()
-        except RuntimeError:
-            running = None
-        if running is self.loop:
-            raise RuntimeError("BatchedEngine.embed blocks: call it from another thread, or await batcher.embed")
-        return asyncio.run_coroutine_threadsafe(self.batcher.embed(batch), self.loop).result()
-
-    def health(self) -> bool:
-        return self.batcher.running and self.batcher.engine.health()

@@ -1,11 +1,10 @@
 """CAFace template fusion at serving time: two ONNX graphs, an additive memory, numpy + ONNX Runtime only.
 
     fusion = FusionModel.load("models/caface")                    # a card.yaml or its folder
-    frames = fusion.assign(raw_embeddings, style)                  # (N, D), (N, S) from the recognition card's
-                                                                   # engine (flip TTA; style = mean over the views)
-    memory = Memory.empty(fusion).add(frames)                      # or add fusion.memory_delta(frames) to a store
-    template = memory.fused()                                      # = fusion.aggregate(*memory.state): unit
-                                                                   # embedding (D,), quality, weights (M, D)
+    out = run_aligned(engine, card, faces)                         # engines.base: the recognition card's engine,
+    frames = fusion.assign(out["embedding"], out["style"])         # its flip TTA (style = mean over the views)
+    delta = fusion.memory_delta(frames)                            # what a store adds to the template's memory
+    template = fusion.aggregate(*delta)                            # unit embedding (D,), quality, weights (M, D)
 
 `assign` (ONNX graph "assign") maps each frame on its own, never looking at other frames, to its
 assignment A_i (M,) over the M clusters (Σ_m A_{m,i} = 1), its unit embedding f̂_i = f_i/‖f_i‖ (D,)
@@ -49,7 +48,6 @@ import onnxruntime as ort
 import yaml
 from pydantic import Field
 
-from engines.base import preprocess
 from engines.model_card import (
     CARD_FILENAME,
     FileEntry,
@@ -147,24 +145,6 @@ class FusionCard(_Strict):
         path = Path(folder) / CARD_FILENAME
         text = yaml.safe_dump(self.model_dump(mode="python"), sort_keys=False, width=120, allow_unicode=True)
         return atomic_write_bytes(path, text.encode())
-
-
-# ---- the recognition model's side ------------------------------------------------------------
-
-
-def style_with_tta(engine, card: ModelCard, faces: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Raw embeddings (N, D) and style statistics (N, S) of aligned uint8 RGB faces (N, S, S, 3), as the fusion expects.
-
-    engine: an `OnnxRuntimeEngine` (anything with `embed_with_style`) of a card with a style output.
-    With the card's flip TTA, embedding = f(x) + f(mirror x) (as `engines.base.embed_aligned`) and
-    style = (σ(x) + σ(mirror x))/2: the embedding is made of both views, so its style describes both.
-    """
-    x = preprocess(faces, card)
-    if not card.flip_tta:
-        return engine.embed_with_style(x)
-    n = len(x)
-    emb, style = engine.embed_with_style(np.concatenate([x, x[..., ::-1]]))  # (2N, D), (2N, S)
-    return emb[:n] + emb[n:], (style[:n] + style[n:]) / 2
 
 
 # ---- frames, memory, template --------------------------------------------------------------
@@ -285,43 +265,3 @@ class FusionModel:
     def fuse(self, raw_embeddings: np.ndarray, style: np.ndarray) -> FusedTemplate:
         """All frames at once: assign, sum, aggregate."""
         return self.aggregate(*self.memory_delta(self.assign(raw_embeddings, style)))
-
-
-class Memory:
-    """A template's memory in process (float64 sums), for tests and offline use; a store keeps the same numbers."""
-
-    def __init__(self, model: FusionModel, sums: np.ndarray, style_sums: np.ndarray, counts: np.ndarray) -> None:
-        self.model = model
-        self.sums, self.style_sums, self.counts = sums, style_sums, counts
-
-    @classmethod
-    def empty(cls, model: FusionModel) -> Memory:
-        c = model.card
-        return cls(model, np.zeros((c.clusters, c.embedding_size)), np.zeros((c.clusters, c.stored_style_size)),
-                   np.zeros(c.clusters))
-
-    @property
-    def state(self) -> MemoryDelta:
-        return MemoryDelta(self.sums, self.style_sums, self.counts)
-
-    @property
-    def frames(self) -> float:
-        """Σ_m c_m: the number of frames added (each frame's assignment sums to 1)."""
-        return float(self.counts.sum())
-
-    def add_delta(self, delta: MemoryDelta) -> Memory:
-        self.sums = self.sums + delta.sums
-        self.style_sums = self.style_sums + delta.style_sums
-        self.counts = self.counts + delta.counts
-        return self
-
-    def add(self, contribution: FrameContribution) -> Memory:
-        """Add frames (what `FusionModel.assign` made of them); returns self."""
-        return self.add_delta(self.model.memory_delta(contribution))
-
-    def merge(self, other: Memory) -> Memory:
-        """Both templates' frames in one memory (a new Memory; the two are left as they are)."""
-        return Memory(self.model, self.sums.copy(), self.style_sums.copy(), self.counts.copy()).add_delta(other.state)
-
-    def fused(self) -> FusedTemplate:
-        return self.model.aggregate(*self.state)

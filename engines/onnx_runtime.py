@@ -2,11 +2,13 @@
 
     engine = OnnxRuntimeEngine("models/recognition")          # a card.yaml or its folder
     raw = embed_aligned(engine, engine.card, faces_uint8)      # (N, D); norms are the magnitudes
+    out = engine.run(x)                                        # {"embedding": (N, D), "style": (N, S)}
 
 At load the graph's signature is checked against the card (one float input (N, 3, S, S) with
 S = input.size, the card's outputs present, embedding of length D), so a mismatched card fails
 at start-up. Batches larger than max_batch_size run in chunks; one session serves concurrent
-callers (InferenceSession.run is thread-safe). Nothing here imports torch.
+callers (InferenceSession.run is thread-safe). The engine returns every output the card names
+("style" where it has one), all from one session.run. Nothing here imports torch.
 """
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ from typing import Sequence
 import numpy as np
 import onnxruntime as ort
 
-from engines.base import ENGINES, ChunkedEngine, embed_aligned, preprocess
+from engines.base import ENGINES, ChunkedEngine, embed_aligned, graph_outputs, preprocess
 from engines.model_card import ModelCard, ModelCardError
 
 __all__ = ["OnnxRuntimeEngine", "default_providers", "embed_aligned", "preprocess"]
@@ -57,15 +59,8 @@ class OnnxRuntimeEngine(ChunkedEngine):
     ) -> None:
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be at least 1, got {max_batch_size}")
-        if isinstance(card, ModelCard):
-            if verify:
-                card.verify_files()
-        else:
-            card = ModelCard.load(card, verify=verify)
-        self.card = card
-        self.name = f"{self.runtime}:{card.name}:{card.version}"
-        self.input_size = card.input.size
-        self.embedding_size = card.embedding_size
+        self._use_card(card, verify)
+        card = self.card
         options = ort.SessionOptions()
         options.intra_op_num_threads = intra_op_threads
         if not spin_wait:  # idle pool threads sleep instead of spinning: fair to other work on the same cores
@@ -76,7 +71,7 @@ class OnnxRuntimeEngine(ChunkedEngine):
         # a graph exported with a fixed batch takes exactly that many: chunks are padded up to it
         self.fixed_batch = fixed_batch
         self.max_batch_size = min(max_batch_size, fixed_batch) if fixed_batch else max_batch_size
-        self.output_names = [card.outputs.embedding] + ([card.outputs.style] if card.outputs.style else [])
+        self.graph_outputs = graph_outputs(card)
 
     @property
     def providers(self) -> list[str]:
@@ -104,29 +99,10 @@ class OnnxRuntimeEngine(ChunkedEngine):
             raise ModelCardError(f"{where}: embedding width {width} != the card's embedding_size {self.embedding_size}")
         return graph_input.name, shape[0] if isinstance(shape[0], int) else None
 
-    def _run(self, chunk: np.ndarray, names: list[str]) -> list[np.ndarray]:
+    def _infer(self, chunk: np.ndarray) -> dict[str, np.ndarray]:
         n = len(chunk)
         if self.fixed_batch and n < self.fixed_batch:
             pad = np.zeros((self.fixed_batch - n, *chunk.shape[1:]), dtype=np.float32)
             chunk = np.concatenate([chunk, pad])
-        outs = self.session.run(names, {self.input_name: chunk})
-        return [np.asarray(o[:n], dtype=np.float32) for o in outs]
-
-    def _infer(self, chunk: np.ndarray) -> np.ndarray:
-        (embedding,) = self._run(chunk, [self.card.outputs.embedding])
-        if embedding.shape != (len(chunk), self.embedding_size):
-            raise RuntimeError(f"{self.name}: the graph returned {embedding.shape}, "
-                                   f"expected ({len(chunk)}, {self.embedding_size})")
-        return embedding
-
-    def embed_with_style(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Raw embeddings (N, D) and style statistics (N, 2·Σ C_i) in one pass (cards with a style output)."""
-        if self.card.outputs.style is None:
-            raise ModelCardError(f"model {self.card.name!r} has no style output (export it with style_outputs=True)")
-        batch = self.check_batch(batch)
-        parts = [self._run(chunk, self.output_names) for chunk in self.chunks(batch)]
-        if not parts:
-            width = 2 * sum(self.card.outputs.style_channels)
-            return np.zeros((0, self.embedding_size), np.float32), np.zeros((0, width), np.float32)
-        embeddings, styles = (np.concatenate(p) for p in zip(*parts))
-        return embeddings, styles
+        outs = self.session.run(list(self.graph_outputs.values()), {self.input_name: chunk})
+        return {name: np.asarray(out[:n], dtype=np.float32) for name, out in zip(self.graph_outputs, outs)}

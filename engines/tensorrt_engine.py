@@ -14,7 +14,9 @@ building at once never leave a truncated plan for the next start.
 
 Run: device buffers for max_batch_size faces are allocated once with cuda-python (`cudart`);
 each chunk is copied in, run with `execute_async_v3` on the engine's own stream, copied out.
-One execution context serves one inference at a time (a lock), as the batcher drives it.
+One execution context serves one inference at a time (a lock), as the batcher drives it. Every
+output the card names ("embedding", and "style" where the model has it) comes back from the same
+execution.
 
 Requirements: `tensorrt` 10.x and `cuda-python` (TensorRT's wheel does not bring a CUDA
 runtime binding of its own). Neither is imported until an engine is built: the pure functions
@@ -30,7 +32,7 @@ from typing import Callable
 
 import numpy as np
 
-from engines.base import ENGINES, ChunkedEngine
+from engines.base import ENGINES, ChunkedEngine, graph_outputs
 from engines.model_card import ModelCard, ModelCardError, atomic_write_bytes
 
 log = logging.getLogger(__name__)
@@ -155,15 +157,9 @@ class TensorRTEngine(ChunkedEngine):
                  verify: bool = True) -> None:
         import tensorrt as trt
 
-        if isinstance(card, ModelCard):
-            if verify:
-                card.verify_files()
-        else:
-            card = ModelCard.load(card, verify=verify)
-        self.card, self.fp16 = card, fp16
-        self.name = f"{self.runtime}:{card.name}:{card.version}"
-        self.input_size, self.embedding_size = card.input.size, card.embedding_size
-        self.max_batch_size = max_batch_size
+        self._use_card(card, verify)
+        card, self.fp16, self.max_batch_size = self.card, fp16, max_batch_size
+        self.graph_outputs = graph_outputs(card)
         self._cudart = _cudart()
         _check(self._cudart.cudaSetDevice(device))
         self.cache_key = plan_cache_key(card.files.onnx.sha256, gpu_name(device), trt.__version__,
@@ -205,34 +201,18 @@ class TensorRTEngine(ChunkedEngine):
             self._context.set_tensor_address(name, pointer)
             if self._engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT:
                 self._input_name = name
-        if self.card.outputs.embedding not in self._buffers:
-            raise ModelCardError(f"the plan has no output {self.card.outputs.embedding!r}: {sorted(self._buffers)}")
+        missing = [name for name in self.graph_outputs.values() if name not in self._buffers]
+        if missing:
+            raise ModelCardError(f"the plan has no output {missing}: {sorted(self._buffers)}")
 
-    def _infer(self, chunk: np.ndarray) -> np.ndarray:
-        return self._run(chunk, [self.card.outputs.embedding])[0]
-
-    def embed_with_style(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Raw embeddings (N, D) and CAFace style statistics (N, S) in one pass, as the ONNX Runtime engine."""
-        if self.card.outputs.style is None:
-            raise ModelCardError(f"model {self.card.name!r} has no style output (export it with style_outputs=True)")
-        names = [self.card.outputs.embedding, self.card.outputs.style]
-        parts = [self._run(chunk, names) for chunk in self.chunks(self.check_batch(batch))]
-        if not parts:
-            width = 2 * sum(self.card.outputs.style_channels)
-            return np.zeros((0, self.embedding_size), np.float32), np.zeros((0, width), np.float32)
-        embeddings, styles = (np.concatenate(p) for p in zip(*parts))
-        return embeddings, styles
-
-    def _run(self, chunk: np.ndarray, names: list[str]) -> list[np.ndarray]:
-        """One execution of the plan on (n, 3, S, S); the named outputs copied back, float32."""
+    def _infer(self, chunk: np.ndarray) -> dict[str, np.ndarray]:
+        """One execution of the plan on (n, 3, S, S); every declared output copied back, float32."""
         cudart, n = self._cudart, len(chunk)
         host_to_device = cudart.cudaMemcpyKind.cudaMemcpyHostToDevice
         device_to_host = cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost
         in_pointer, in_dtype, _ = self._buffers[self._input_name]
         x = np.ascontiguousarray(chunk, dtype=in_dtype)
-        missing = [name for name in names if name not in self._buffers]
-        if missing:
-            raise ModelCardError(f"the plan has no output {missing}: {sorted(self._buffers)}")
+        names = list(self.graph_outputs.values())
         outs = [np.empty((n, *self._buffers[name][2][1:]), dtype=self._buffers[name][1]) for name in names]  # (n, …)
         with self._lock:
             if not self._context.set_input_shape(self._input_name, x.shape):
@@ -244,7 +224,7 @@ class TensorRTEngine(ChunkedEngine):
                 pointer = self._buffers[name][0]
                 _check(cudart.cudaMemcpyAsync(out.ctypes.data, pointer, out.nbytes, device_to_host, self._stream))
             _check(cudart.cudaStreamSynchronize(self._stream))
-        return [out.astype(np.float32, copy=False) for out in outs]
+        return {name: out.astype(np.float32, copy=False) for name, out in zip(self.graph_outputs, outs)}
 
     def close(self) -> None:
         """Free the device memory and the stream (also done when the engine is garbage-collected)."""

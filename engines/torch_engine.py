@@ -7,7 +7,8 @@ It reads any checkpoint `training.evaluate.load_backbone` reads (a backbone.pt, 
 checkpoint, a training checkpoint directory) and takes the same card-preprocessed input as the
 ONNX: the card's scaling and channel order are converted to the backbone's own
 (p − 127.5)/127.5 RGB by `training.export.ExportModule`, the module the ONNX export traces. So
-this engine and the card's ONNX must agree face by face; a disagreement is an export bug.
+this engine and the card's ONNX must agree face by face; a disagreement is an export bug. It
+returns the embedding only (`outputs`): a service on it runs with CAFace templates off.
 
 torch (and `training`) are imported when an engine is built, never at import: this module is
 only loaded when the "torch" runtime is asked for (engines.base.RUNTIME_MODULES).
@@ -18,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from engines.base import ENGINES, ChunkedEngine
+from engines.base import EMBEDDING, ENGINES, ChunkedEngine
 from engines.model_card import ModelCard, ModelCardError
 
 __all__ = ["TorchEngine"]
@@ -49,9 +50,8 @@ class TorchEngine(ChunkedEngine):
             raise ValueError(f"max_batch_size must be at least 1, got {max_batch_size}")
         if threads:
             torch.set_num_threads(threads)
-        self.card = card if isinstance(card, ModelCard) else ModelCard.load(card, verify=False)
-        self.name = f"{self.runtime}:{self.card.name}:{self.card.version}"
-        self.input_size, self.embedding_size = self.card.input.size, self.card.embedding_size
+        # the backbone alone: no CAFace style output, whatever the card's ONNX has
+        self._use_card(card, verify=False, names=(EMBEDDING,))
         self.max_batch_size = max_batch_size
         self.device = torch.device(device)
         backbone, size = load_backbone(str(checkpoint), self.device)
@@ -60,12 +60,12 @@ class TorchEngine(ChunkedEngine):
         spec = self.card.input
         self.module = ExportModule(backbone, spec.channel_order, spec.mean, spec.std).to(self.device).eval()
         self._torch = torch
-        width = self._infer(np.zeros((1, 3, size, size), np.float32)).shape[1]
+        width = self._infer(np.zeros((1, 3, size, size), np.float32))[EMBEDDING].shape[1]
         if width != self.embedding_size:
             raise ModelCardError(f"{checkpoint}: embedding width {width} != the card's {self.embedding_size}")
 
-    def _infer(self, chunk: np.ndarray) -> np.ndarray:
+    def _infer(self, chunk: np.ndarray) -> dict[str, np.ndarray]:
         torch = self._torch
         with torch.inference_mode():
             out = self.module(torch.from_numpy(chunk).to(self.device))  # (n, D)
-        return out.float().cpu().numpy()
+        return {EMBEDDING: out.float().cpu().numpy()}

@@ -12,7 +12,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from starlette.concurrency import run_in_threadpool
 
-from engines.base import StyleRowsEngine, build_engine
+from engines.base import STYLE, build_engine
 from engines.batcher import DynamicBatcher
 from engines.detection import build_detector
 from engines.fusion import FusionModel
@@ -59,7 +59,7 @@ def build_templates(settings: Settings, state) -> tuple[TemplateService | None, 
         return None, f"no fusion model at {settings.fusion_card} (FACESET_FUSION_CARD)"
     if card.outputs.style is None:
         return None, f"model {card.name} {card.version} has no CAFace style output"
-    if not isinstance(state.batcher.engine, StyleRowsEngine):
+    if STYLE not in state.batcher.engine.outputs:
         return None, f"the {settings.engine} runtime does not return the model's CAFace style output"
     fusion = FusionModel.load(settings.fusion_card)
     store = TemplateStore(state.redis, settings.key_prefix, fusion.memory_size, model_id(fusion),
@@ -75,10 +75,7 @@ async def lifespan(app: FastAPI):
     settings: Settings = app.state.settings
     state = app.state
     pipeline = await run_in_threadpool(build_pipeline, settings)
-    # a card with a CAFace style output, on a runtime that returns it: batches carry [embedding | style] rows
-    styled = pipeline.card.outputs.style is not None and hasattr(pipeline.engine, "embed_with_style")
-    batched = StyleRowsEngine(pipeline.engine) if styled else pipeline.engine
-    state.batcher = DynamicBatcher(batched, settings.max_batch_size, settings.max_queue_delay_ms,
+    state.batcher = DynamicBatcher(pipeline.engine, settings.max_batch_size, settings.max_queue_delay_ms,
                                    on_batch=state.metrics.on_batch)
     await state.batcher.start()
     state.embedded_redis = None

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 from starlette.concurrency import run_in_threadpool
 
-from engines.base import preprocess, split_rows, with_tta
+from engines.base import EMBEDDING, STYLE, merge_tta, preprocess, with_tta
 from engines.batcher import DynamicBatcher
 from engines.detection import Detection
 from engines.model_card import ModelCardError, resolve_far
@@ -97,8 +97,8 @@ class FaceService:
         """Raw embeddings (N, D) and, where the batcher's engine gives them, CAFace style statistics (N, S)."""
         if len(crops) == 0:
             return np.zeros((0, self.card.embedding_size), np.float32), None
-        rows = await self.batcher.embed(with_tta(preprocess(crops, self.card), self.card))
-        return split_rows(rows, self.card)
+        out = merge_tta(await self.batcher.run(with_tta(preprocess(crops, self.card), self.card)), self.card)
+        return out[EMBEDDING], out.get(STYLE)
 
     # ---- /verify -----------------------------------------------------------------------
     async def verify(self, a: Side, b: Side, far: float) -> Verdict:

@@ -299,7 +299,8 @@ def check_parity(backbone: FaceBackbone, card: ModelCard, faces: np.ndarray, inp
     style = card.outputs.style is not None
     expected, expected_style = torch_reference(backbone, faces, style)
     x = preprocess(faces, card)
-    got, got_style = engine.embed_with_style(x) if style else (engine.embed(x), None)
+    out = engine.run(x)  # {"embedding": (N, D), "style": (N, S) where the card has it}
+    got, got_style = out["embedding"], out.get("style")
     alone = engine.embed(x[:1])  # (1, D)
     norm_expected = np.linalg.norm(expected.astype(np.float64), axis=1)
     norm_rel = np.abs(np.linalg.norm(got.astype(np.float64), axis=1) - norm_expected) / np.maximum(norm_expected, 1e-12)

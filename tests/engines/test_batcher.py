@@ -16,20 +16,21 @@ POISON = -1.0  # a face whose first value is POISON makes the stub engine raise
 
 
 class StubEngine:
-    """A NumPy engine computing a known function of each face, recording every call's batch size.
+    """A NumPy engine with two outputs, each a known function of each face, recording every call's batch size.
 
-    f(x)_n = (Σ x_n, max x_n, x_n[0, 0, 0]): each row depends on its own face only, so wrong
-    rows or a wrong order show up as wrong values.
+    embedding_n = (Σ x_n, max x_n, x_n[0, 0, 0]), style_n = (min x_n, x_n[2, S−1, S−1]): each row
+    depends on its own face only, so wrong rows or a wrong order in either output show up as wrong values.
     """
 
     name, max_batch_size, input_size, embedding_size = "stub", 64, S, D
+    outputs = {"embedding": D, "style": 2}
 
     def __init__(self, delay_s: float = 0.0, max_batch_size: int = 64) -> None:
         self.calls: list[int] = []
         self.threads: set[str] = set()
         self.delay_s, self.max_batch_size = delay_s, max_batch_size
 
-    def embed(self, batch: np.ndarray) -> np.ndarray:
+    def run(self, batch: np.ndarray) -> dict[str, np.ndarray]:
         self.calls.append(len(batch))
         self.threads.add(threading.current_thread().name)
         time.sleep(self.delay_s)
@@ -41,9 +42,16 @@ class StubEngine:
         return True
 
 
-def expected(x: np.ndarray) -> np.ndarray:
+def expected(x: np.ndarray) -> dict[str, np.ndarray]:
     flat = x.reshape(len(x), -1).astype(np.float64)  # (n, 3·S·S)
-    return np.stack([flat.sum(1), flat.max(1), flat[:, 0]], axis=1).astype(np.float32)  # (n, D)
+    return {"embedding": np.stack([flat.sum(1), flat.max(1), flat[:, 0]], axis=1).astype(np.float32),  # (n, D)
+            "style": np.stack([flat.min(1), flat[:, -1]], axis=1).astype(np.float32)}  # (n, 2)
+
+
+def assert_outputs(got: dict[str, np.ndarray], want: dict[str, np.ndarray]) -> None:
+    assert got.keys() == want.keys()
+    for name in want:
+        np.testing.assert_array_equal(got[name], want[name], err_msg=name)
 
 
 def inputs(n: int, seed: int = 0) -> np.ndarray:
@@ -64,11 +72,11 @@ def test_16_concurrent_single_face_requests_get_their_rows_in_few_calls():
 
     async def main():
         async with DynamicBatcher(engine, max_batch_size=8, max_delay_ms=50) as batcher:
-            return await asyncio.gather(*(batcher.embed(x[i : i + 1]) for i in range(16)))
+            return await asyncio.gather(*(batcher.run(x[i : i + 1]) for i in range(16)))
 
     rows = asyncio.run(main())
     for i, row in enumerate(rows):
-        np.testing.assert_array_equal(row, expected(x[i : i + 1]))
+        assert_outputs(row, expected(x[i : i + 1]))  # every output, sliced to each caller's row
     assert engine.calls == [8, 8]  # all 16 were queued together: two full batches, one call each
     assert engine.threads == {"batcher_0"}  # inference ran off the event loop's thread
 
@@ -79,14 +87,29 @@ def test_a_lone_request_waits_max_delay_then_runs():
     async def timed(delay_ms):
         async with DynamicBatcher(engine, max_batch_size=8, max_delay_ms=delay_ms) as batcher:
             start = time.monotonic()
-            out = await batcher.embed(inputs(1))
+            out = await batcher.run(inputs(1))
             return out, time.monotonic() - start
 
     out, waited = asyncio.run(timed(150))
-    np.testing.assert_array_equal(out, expected(inputs(1)))
+    assert_outputs(out, expected(inputs(1)))
     assert 0.14 <= waited < 1.0
     _, quick = asyncio.run(timed(0))
     assert quick < 0.1
+
+
+def test_the_worker_serves_on_after_the_delay_times_out():
+    """A lone request makes the worker wait out max_delay_ms on the queue (asyncio.wait_for timing out, which is
+    not the builtin TimeoutError before Python 3.11): the request is served and the worker lives for the next."""
+    engine = StubEngine()
+
+    async def main():
+        async with DynamicBatcher(engine, max_batch_size=8, max_delay_ms=20) as batcher:
+            # bounded: a worker killed by the timeout would leave the request waiting forever
+            return [await asyncio.wait_for(batcher.run(inputs(1, seed=i)), timeout=5) for i in range(3)]
+
+    for i, out in enumerate(asyncio.run(main())):
+        assert_outputs(out, expected(inputs(1, seed=i)))
+    assert engine.calls == [1, 1, 1]
 
 
 def test_a_full_batch_does_not_wait_for_the_delay():
@@ -95,7 +118,7 @@ def test_a_full_batch_does_not_wait_for_the_delay():
     async def main():
         async with DynamicBatcher(engine, max_batch_size=4, max_delay_ms=10_000) as batcher:
             start = time.monotonic()
-            await asyncio.gather(*(batcher.embed(inputs(1, seed=i)) for i in range(4)))
+            await asyncio.gather(*(batcher.run(inputs(1, seed=i)) for i in range(4)))
             return time.monotonic() - start
 
     assert asyncio.run(main()) < 2.0
@@ -108,9 +131,9 @@ def test_an_oversize_request_is_split_and_reassembled():
 
     async def main():
         async with DynamicBatcher(engine, max_batch_size=4, max_delay_ms=1) as batcher:
-            return await batcher.embed(x)
+            return await batcher.run(x)
 
-    np.testing.assert_array_equal(asyncio.run(main()), expected(x))
+    assert_outputs(asyncio.run(main()), expected(x))  # every output's parts reassembled in order
     assert engine.calls == [4, 4, 2]
 
 
@@ -127,16 +150,29 @@ def test_an_engine_error_reaches_exactly_the_callers_of_that_batch():
 
     async def main():
         async with DynamicBatcher(engine, max_batch_size=2, max_delay_ms=50) as batcher:
-            results = await asyncio.gather(*(batcher.embed(x[i : i + 1]) for i in range(4)), return_exceptions=True)
-            after = await batcher.embed(x[3:4])  # the worker survives a failed batch
+            results = await asyncio.gather(*(batcher.run(x[i : i + 1]) for i in range(4)), return_exceptions=True)
+            after = await batcher.run(x[3:4])  # the worker survives a failed batch
             return results, after
 
     results, after = asyncio.run(main())
     assert engine.calls == [2, 2, 1]
     assert all(isinstance(r, ValueError) and "poisoned" in str(r) for r in results[:2])
     for i in (2, 3):
-        np.testing.assert_array_equal(results[i], expected(x[i : i + 1]))
-    np.testing.assert_array_equal(after, expected(x[3:4]))
+        assert_outputs(results[i], expected(x[i : i + 1]))
+    assert_outputs(after, expected(x[3:4]))
+
+
+def test_an_engine_that_drops_a_declared_output_fails_its_batch():
+    class NoStyle(StubEngine):
+        def run(self, batch):
+            return {"embedding": super().run(batch)["embedding"]}
+
+    async def main():
+        async with DynamicBatcher(NoStyle(), max_delay_ms=0) as batcher:
+            return await asyncio.gather(batcher.run(inputs(2)), return_exceptions=True)
+
+    (error,) = asyncio.run(main())
+    assert isinstance(error, RuntimeError) and "'style': None" in str(error)
 
 
 def test_stop_drains_the_queue_then_refuses_requests():
@@ -144,16 +180,16 @@ def test_stop_drains_the_queue_then_refuses_requests():
 
     async def main():
         batcher = await started(DynamicBatcher(engine, max_batch_size=1, max_delay_ms=0))
-        tasks = [asyncio.create_task(batcher.embed(inputs(1, seed=i))) for i in range(3)]
+        tasks = [asyncio.create_task(batcher.run(inputs(1, seed=i))) for i in range(3)]
         await asyncio.sleep(0.01)  # all three queued, the first running
         await batcher.stop()
         with pytest.raises(BatcherClosedError):
-            await batcher.embed(inputs(1))
+            await batcher.run(inputs(1))
         return await asyncio.gather(*tasks)
 
     rows = asyncio.run(main())
     for i, row in enumerate(rows):
-        np.testing.assert_array_equal(row, expected(inputs(1, seed=i)))
+        assert_outputs(row, expected(inputs(1, seed=i)))
 
 
 def test_stop_without_draining_fails_the_queued_requests_only():
@@ -161,14 +197,14 @@ def test_stop_without_draining_fails_the_queued_requests_only():
 
     async def main():
         batcher = await started(DynamicBatcher(engine, max_batch_size=1, max_delay_ms=0))
-        tasks = [asyncio.create_task(batcher.embed(inputs(1, seed=i))) for i in range(3)]
+        tasks = [asyncio.create_task(batcher.run(inputs(1, seed=i))) for i in range(3)]
         await asyncio.sleep(0.05)  # the first is inside the engine, two are queued
         await batcher.stop(drain=False)
         await batcher.stop()  # idempotent
         return await asyncio.gather(*tasks, return_exceptions=True)
 
     first, *rest = asyncio.run(main())
-    np.testing.assert_array_equal(first, expected(inputs(1, seed=0)))  # the running batch completes
+    assert_outputs(first, expected(inputs(1, seed=0)))  # the running batch completes
     assert all(isinstance(r, BatcherClosedError) for r in rest)
     assert engine.calls == [1]
 
@@ -178,14 +214,15 @@ def test_requests_are_refused_before_start_and_when_malformed():
 
     async def main():
         with pytest.raises(BatcherClosedError):
-            await batcher.embed(inputs(1))
+            await batcher.run(inputs(1))
         await batcher.start()
         try:
             with pytest.raises(EngineInputError, match="float32"):
-                await batcher.embed(inputs(1).astype(np.float64))
+                await batcher.run(inputs(1).astype(np.float64))
             with pytest.raises(EngineInputError):
-                await batcher.embed(np.zeros((1, 3, S + 1, S), np.float32))
-            assert (await batcher.embed(inputs(0))).shape == (0, D)
+                await batcher.run(np.zeros((1, 3, S + 1, S), np.float32))
+            empty = await batcher.run(inputs(0))
+            assert {name: rows.shape for name, rows in empty.items()} == {"embedding": (0, D), "style": (0, 2)}
         finally:
             await batcher.stop()
 
@@ -206,7 +243,7 @@ def test_the_event_loop_keeps_running_during_inference():
 
         async with DynamicBatcher(engine, max_delay_ms=0) as batcher:
             task = asyncio.create_task(ticker())
-            await batcher.embed(inputs(1))
+            await batcher.run(inputs(1))
             task.cancel()
         return ticks
 
@@ -225,7 +262,7 @@ def test_metrics_hook_sees_every_batch():
 
     async def main():
         async with DynamicBatcher(engine, max_batch_size=4, max_delay_ms=20, on_batch=hook) as batcher:
-            await asyncio.gather(*(batcher.embed(x[i : i + 1]) for i in range(6)), return_exceptions=True)
+            await asyncio.gather(*(batcher.run(x[i : i + 1]) for i in range(6)), return_exceptions=True)
             return batcher.stats
 
     stats = asyncio.run(main())
@@ -261,49 +298,11 @@ def test_onnx_16_concurrent_requests_match_faces_embedded_alone(onnx_engine):
 
     async def main():
         async with DynamicBatcher(onnx_engine, max_batch_size=16, max_delay_ms=50, on_batch=records.append) as b:
-            return await asyncio.gather(*(b.embed(x[i : i + 1]) for i in range(16)))
+            return await asyncio.gather(*(b.run(x[i : i + 1]) for i in range(16)))
 
-    batched = np.concatenate(asyncio.run(main()))
+    batched = np.concatenate([out["embedding"] for out in asyncio.run(main())])
     assert [r.size for r in records] == [16]  # one inference for the 16 faces
     # batch invariance: each face inside the batch agrees with itself alone, and not with its neighbours
     assert cosine(batched, alone).min() >= 1 - 1e-4
     assert cosine(batched, np.roll(alone, 1, axis=0)).max() < 0.99
     np.testing.assert_allclose(np.linalg.norm(batched, axis=1), np.linalg.norm(alone, axis=1), rtol=1e-4)
-
-
-# ---------------------------------------------------------------- the synchronous view
-
-
-def test_batched_engine_serves_threads_through_one_batcher():
-    from concurrent.futures import ThreadPoolExecutor
-
-    from engines.base import Engine
-    from engines.batcher import BatchedEngine
-
-    engine = StubEngine()
-    loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
-    try:
-        batcher = DynamicBatcher(engine, max_batch_size=8, max_delay_ms=100)
-        asyncio.run_coroutine_threadsafe(batcher.start(), loop).result()
-        sync = BatchedEngine(batcher, loop)
-        assert isinstance(sync, Engine) and sync.health()
-        x = inputs(8)
-        with ThreadPoolExecutor(8) as pool:
-            rows = list(pool.map(lambda i: sync.embed(x[i : i + 1]), range(8)))
-        for i, row in enumerate(rows):
-            np.testing.assert_array_equal(row, expected(x[i : i + 1]))
-        assert len(engine.calls) < 8 and sum(engine.calls) == 8  # the threads' faces were batched together
-
-        async def from_the_loop():
-            return sync.embed(x[:1])
-
-        with pytest.raises(RuntimeError, match="another thread"):
-            asyncio.run_coroutine_threadsafe(from_the_loop(), loop).result()
-        asyncio.run_coroutine_threadsafe(batcher.stop(), loop).result()
-        assert not sync.health()
-    finally:
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join()
-        loop.close()

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from engines.base import build_engine
+from engines.base import build_engine, run_aligned
 from engines.detection import build_detector
-from engines.fusion import EmptyTemplateError, FusionModel, Memory, style_with_tta
+from engines.fusion import EmptyTemplateError, FusionModel
 from engines.model_card import ModelCard, ModelCardError
 from engines.pipeline import FacePipeline
 from training.eval.degrade import degrade
@@ -38,7 +38,8 @@ def _real_frames(data_dir: Path) -> tuple[np.ndarray, np.ndarray]:
             crop = pipeline.align(photo, pipeline.detect(photo, max_faces=1))[0]
             crops += [crop] + [degrade(crop, kind, s, seed=n) for kind, s in
                                (("blur", 4), ("lowres", 6), ("occlude", 0.3), ("noise", 35))]
-    return style_with_tta(engine, card, np.stack(crops))
+    out = run_aligned(engine, card, np.stack(crops))
+    return out["embedding"], out["style"]
 
 
 @pytest.fixture(scope="module")
@@ -82,29 +83,24 @@ def test_order_and_batching_do_not_change_the_template(fusion, frames):
     rng = np.random.default_rng(0)
     for trial in range(3):
         order = rng.permutation(len(raw))
-        memory = Memory.empty(fusion)
+        vector = np.zeros(fusion.memory_size)
         for chunk in np.array_split(order, rng.integers(2, 9)):  # random batch sizes, random order
-            memory.add(fusion.assign(raw[chunk], style[chunk]))
-        for got, want in zip(memory.state, all_at_once):
+            vector += fusion.memory_delta(fusion.assign(raw[chunk], style[chunk])).to_vector()  # as a store adds
+        memory = fusion.memory_from_vector(vector)
+        for got, want in zip(memory, all_at_once):
             np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-9)
-        assert memory.frames == pytest.approx(len(raw))
-        fused = memory.fused()
+        assert memory.counts.sum() == pytest.approx(len(raw))  # each frame's assignment sums to 1
+        fused = fusion.aggregate(*memory)
         assert float(fused.embedding @ reference.embedding) >= 0.99999
         assert fused.quality == pytest.approx(reference.quality, abs=1e-5)
 
 
-def test_frame_deltas_sum_to_the_batch_delta_and_memories_merge(fusion, frames):
+def test_frame_deltas_sum_to_the_batch_delta(fusion, frames):
     raw, style, _ = frames
     contribution = fusion.assign(raw, style)
     per_frame = [fusion.memory_delta(contribution.frame(i)) for i in range(len(raw))]
     for k, whole in enumerate(fusion.memory_delta(contribution)):
         np.testing.assert_allclose(sum(d[k] for d in per_frame), whole, rtol=1e-12, atol=1e-12)
-    half = len(raw) // 2
-    a = Memory.empty(fusion).add(fusion.assign(raw[:half], style[:half]))
-    b = Memory.empty(fusion).add(fusion.assign(raw[half:], style[half:]))
-    merged = a.merge(b)
-    np.testing.assert_allclose(merged.sums, fusion.memory_delta(contribution).sums, atol=1e-9)
-    assert a.frames == pytest.approx(half)  # merge leaves its operands alone
 
 
 def test_a_memory_round_trips_through_its_flat_vector(fusion, frames):
@@ -135,7 +131,7 @@ def test_template_is_a_unit_vector_with_weights_over_clusters_and_a_quality(fusi
 
 def test_empty_memory_and_wrong_shapes_are_refused(fusion):
     with pytest.raises(EmptyTemplateError):
-        fusion.aggregate(*Memory.empty(fusion).state)
+        fusion.aggregate(*fusion.memory_from_vector(np.zeros(fusion.memory_size)))
     with pytest.raises(ValueError, match="raw embeddings"):
         fusion.assign(np.zeros((2, 3), np.float32), np.zeros((2, 4), np.float32))
     assert fusion.assign(np.zeros((0, fusion.embedding_size)), np.zeros((0, fusion.card.style_size))).assignment.shape \

@@ -7,15 +7,15 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 
-from engines.base import ENGINES, Engine, EngineInputError, build_engine, embed_aligned, preprocess
+from engines.base import ENGINES, Engine, EngineInputError, build_engine, embed_aligned, merge_tta, preprocess, run_aligned
 from engines.model_card import ModelCard, ModelCardError, sha256_file
-
-DEFAULT_CARD = Path(__file__).resolve().parents[2] / "models" / "default"
-from engines.onnx_runtime import OnnxRuntimeEngine
+from engines.onnx_runtime import OnnxRuntimeEngine, default_providers
 
 REPO = Path(__file__).resolve().parents[2]
+DEFAULT_CARD = REPO / "models" / "default"
 EMBEDDING_SIZE = 64
 
 
@@ -105,7 +105,12 @@ def test_engine_keeps_the_interface(engine):
     assert isinstance(engine, Engine)
     assert engine.input_size == 112 and engine.embedding_size == EMBEDDING_SIZE and engine.max_batch_size == 64
     assert engine.name == "onnxruntime:tiny:1"
-    assert engine.providers == ["CPUExecutionProvider"]  # no CUDA in this build: the default falls back
+    cpu, cuda = "CPUExecutionProvider", "CUDAExecutionProvider"
+    expected = [cuda, cpu] if cuda in ort.get_available_providers() else [cpu]  # CUDA first where the build has it
+    assert default_providers() == expected
+    # the session runs on that list, less CUDA where its libraries or a device are missing (ONNX Runtime falls back)
+    assert engine.providers in (expected, [cpu])
+    assert engine.outputs == {"embedding": EMBEDDING_SIZE}  # the tiny model has no style output
     assert "onnxruntime" in ENGINES
 
 
@@ -229,18 +234,27 @@ def test_engines_run_without_torch(tiny_model):
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-def test_style_rows_engine_carries_both_outputs_through_tta():
-    from engines.base import StyleRowsEngine, split_rows, with_tta
+def test_merge_tta_sums_the_embedding_and_averages_the_style():
+    card = hand_card(4, "RGB", [0, 0, 0], [1, 1, 1]).model_copy(update={"flip_tta": True})
+    embedding = np.arange(12, dtype=np.float32).reshape(4, 3)  # rows: face 0, face 1, mirror 0, mirror 1
+    style = np.array([[1, 2], [3, 4], [5, 8], [7, 0]], np.float32)
+    merged = merge_tta({"embedding": embedding, "style": style}, card)
+    np.testing.assert_array_equal(merged["embedding"], [[0 + 6, 1 + 7, 2 + 8], [3 + 9, 4 + 10, 5 + 11]])
+    np.testing.assert_array_equal(merged["style"], [[(1 + 5) / 2, (2 + 8) / 2], [(3 + 7) / 2, (4 + 0) / 2]])
+    plain = card.model_copy(update={"flip_tta": False})
+    assert merge_tta({"embedding": embedding}, plain)["embedding"] is embedding  # no TTA: the rows as they came
+    with pytest.raises(ValueError, match="'logits'"):
+        merge_tta({"embedding": embedding, "logits": embedding}, card)
 
+
+def test_run_aligned_gives_the_default_models_style_with_tta():
     card = ModelCard.load(DEFAULT_CARD)
-    if card.outputs.style is None:
-        pytest.skip("the default model has no style output")
     engine = OnnxRuntimeEngine(card, intra_op_threads=1)
+    assert card.flip_tta and engine.outputs == {"embedding": 128, "style": 2 * sum(card.outputs.style_channels)}
     faces = np.random.default_rng(0).integers(0, 256, (3, card.input.size, card.input.size, 3), dtype=np.uint8)
-    rows = StyleRowsEngine(engine).embed(with_tta(preprocess(faces, card), card))
-    embedding, style = split_rows(rows, card)
+    out = run_aligned(engine, card, faces)
     x = preprocess(faces, card)
-    e1, s1 = engine.embed_with_style(x)
-    e2, s2 = engine.embed_with_style(np.ascontiguousarray(x[..., ::-1]))
-    np.testing.assert_allclose(embedding, e1 + e2, rtol=1e-5, atol=1e-4)
-    np.testing.assert_allclose(style, (s1 + s2) / 2, rtol=1e-5, atol=1e-5)
+    view, mirror = engine.run(x), engine.run(np.ascontiguousarray(x[..., ::-1]))
+    np.testing.assert_allclose(out["embedding"], view["embedding"] + mirror["embedding"], rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(out["style"], (view["style"] + mirror["style"]) / 2, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(embed_aligned(engine, card, faces), out["embedding"])

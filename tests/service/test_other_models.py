@@ -61,14 +61,15 @@ def test_a_runtime_without_the_style_output_serves_faces_with_templates_off(redi
     import service.app as app_module
     from engines.base import build_engine
 
-    class EmbeddingOnly:  # the ONNX Runtime engine seen through a runtime that lacks embed_with_style
+    class EmbeddingOnly:  # the ONNX Runtime engine seen through a runtime that returns the embedding alone
         def __init__(self, inner):
             self.inner = inner
             self.card, self.name = inner.card, f"embedding-only:{inner.name}"
             self.input_size, self.embedding_size, self.max_batch_size = inner.input_size, inner.embedding_size, inner.max_batch_size
+            self.outputs = {"embedding": inner.embedding_size}
 
-        def embed(self, batch):
-            return self.inner.embed(batch)
+        def run(self, batch):
+            return {"embedding": self.inner.run(batch)["embedding"]}
 
         def health(self):
             return self.inner.health()

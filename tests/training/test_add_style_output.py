@@ -40,6 +40,7 @@ def test_the_default_card_gives_embeddings_and_style_in_one_pass():
     engine = OnnxRuntimeEngine(card, intra_op_threads=1)
     faces = np.random.default_rng(0).integers(0, 256, size=(2, 150, 150, 3), dtype=np.uint8)
     x = preprocess(faces, card)
-    embedding, style = engine.embed_with_style(x)
+    out = engine.run(x)
+    embedding, style = out["embedding"], out["style"]
     assert embedding.shape == (2, 128) and style.shape == (2, 2 * sum(card.outputs.style_channels))
     np.testing.assert_allclose(embedding, engine.embed(x), rtol=1e-6, atol=1e-5)

@@ -6,7 +6,7 @@
 For every image of a folder-per-identity tree (symlinks followed) and every variant in VARIANTS
 (the clean crop, then one poor frame per degradation of `training.eval.degrade`, its strength drawn
 uniformly from POOR_STRENGTHS with a seed fixed by the image's path and the degradation), the
-recognition model runs on ONNX Runtime (`OnnxRuntimeEngine.embed_with_style`) with the card's flip
+recognition model runs on ONNX Runtime (its "embedding" and "style" outputs) with the card's flip
 TTA:
 
     embedding = f(x) + f(mirror(x))             (N, V, D)  the card's raw embedding; ‖·‖ is its magnitude
@@ -14,7 +14,7 @@ TTA:
 
 The style of a TTA embedding is the mean of the two views' statistics: the embedding is made of
 both views, so its style input describes both, and it stays symmetric (mirroring the face gives
-the same frame). The service must compute it the same way: `engines.fusion.style_with_tta` is the one implementation.
+the same frame). The service computes it the same way: `engines.base.merge_tta` is the one implementation.
 
 Resumable: each chunk of images is written atomically to OUT's folder as part-XXXXX.npz and skipped
 when present; the parts are merged into OUT at the end. Numpy + ONNX Runtime only (no torch).
@@ -33,7 +33,7 @@ import cv2
 import numpy as np
 
 from engines.atomic import atomic_write
-from engines.fusion import style_with_tta
+from engines.base import run_aligned
 from engines.model_card import ModelCard
 from engines.onnx_runtime import OnnxRuntimeEngine
 from training.eval.degrade import degrade
@@ -84,9 +84,9 @@ def read_crop(path: Path, size: int) -> np.ndarray:
 def compute_chunk(engine: OnnxRuntimeEngine, card: ModelCard, root: Path, rels: Sequence[str]) -> dict:
     faces, strengths = zip(*(make_variants(read_crop(root / rel, card.input.size), rel) for rel in rels))
     frames = np.concatenate(faces)  # (n·V, S, S, 3), image-major
-    emb, style = style_with_tta(engine, card, frames)
+    out = run_aligned(engine, card, frames)  # {"embedding": (n·V, D), "style": (n·V, S)}
     n, v = len(rels), len(VARIANTS)
-    return {"embedding": emb.reshape(n, v, -1), "style": style.reshape(n, v, -1).astype(np.float32),
+    return {"embedding": out["embedding"].reshape(n, v, -1), "style": out["style"].reshape(n, v, -1).astype(np.float32),
             "strength": np.stack(strengths)}
 
 

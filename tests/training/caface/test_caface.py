@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from engines.fusion import FusionModel, Memory
+from engines.fusion import FusionModel
 from engines.model_card import ModelCard
 from training.caface.config import caface_configs, load_caface_config
 from training.caface.export import export_fusion
@@ -170,9 +170,8 @@ def test_export_parity_and_engine(tmp_path):
     got = fusion.fuse(raw.numpy(), style.numpy())
     assert float(np.dot(got.embedding, want[0][0].numpy())) >= 0.99999
     assert got.quality == pytest.approx(float(want[2][0]), abs=1e-5)
-    memory = Memory.empty(fusion).add(fusion.assign(raw[:4].numpy(), style[:4].numpy()))
-    rest = Memory.empty(fusion).add(fusion.assign(raw[4:].numpy(), style[4:].numpy()))
-    assert memory.merge(rest).frames == pytest.approx(9.0)
+    parts = [fusion.memory_delta(fusion.assign(raw[k].numpy(), style[k].numpy())).to_vector() for k in (slice(4), slice(4, 9))]
+    assert fusion.memory_from_vector(sum(parts)).counts.sum() == pytest.approx(9.0)
 
 
 def test_training_smoke_and_resume(tmp_path, monkeypatch):
