@@ -32,8 +32,8 @@ def _barrier() -> None:
         torch.distributed.barrier()
 
 
-def save_checkpoint(run_dir: Path, step: int, replicated: dict, shard: dict, keep: int = 2) -> Path:
-    """Collective: every rank calls it. Returns the final checkpoint directory."""
+def save_checkpoint(run_dir: Path, step: int, replicated: dict, shard: dict | None = None, keep: int = 2) -> Path:
+    """Collective: every rank calls it (`shard` None: nothing per rank). Returns the final checkpoint directory."""
     name = f"step-{step:08d}"
     final = run_dir / name
     tmp = run_dir / f".{name}.tmp"
@@ -41,7 +41,8 @@ def save_checkpoint(run_dir: Path, step: int, replicated: dict, shard: dict, kee
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     _barrier()
-    atomic_torch_save(shard, tmp / f"shard-{dist.rank()}-of-{dist.world_size()}.pt")
+    if shard is not None:
+        atomic_torch_save(shard, tmp / f"shard-{dist.rank()}-of-{dist.world_size()}.pt")
     if dist.rank() == 0:
         atomic_torch_save(replicated, tmp / "model.pt")
     _barrier()
@@ -68,15 +69,19 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return path if (path / "model.pt").exists() else None
 
 
+def load_state(path: str | Path) -> dict:
+    """Any checkpoint faceset writes, on the CPU. Weights only: tensors, dicts, lists, tuples, numbers
+    and strings load, any other pickled object is refused (a checkpoint file runs no code)."""
+    return torch.load(Path(path), map_location="cpu", weights_only=True)
+
+
 def load_checkpoint(path: Path) -> tuple[dict, dict | None]:
     """(replicated state, this rank's shard or None when the world size changed)."""
-    replicated = torch.load(path / "model.pt", map_location="cpu", weights_only=False)
     shard_file = path / f"shard-{dist.rank()}-of-{dist.world_size()}.pt"
-    shard = torch.load(shard_file, map_location="cpu", weights_only=False) if shard_file.exists() else None
-    return replicated, shard
+    return load_state(path / "model.pt"), load_state(shard_file) if shard_file.exists() else None
 
 
 def load_full_head_weight(path: Path) -> torch.Tensor:
     """Concatenate every shard's classifier weight (to reshard after a world-size change)."""
     shards = sorted(path.glob("shard-*-of-*.pt"), key=lambda p: int(p.name.split("-")[1]))
-    return torch.cat([torch.load(p, map_location="cpu")["head"]["weight"] for p in shards], 0)
+    return torch.cat([load_state(p)["head"]["weight"] for p in shards], 0)

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from training.checkpoint import atomic_write_text, load_state
 from training.config import EvalConfig
 from training.data.transforms import Preprocess
 from training.eval.pairs import evaluate_pairs, read_pairs
@@ -99,12 +100,13 @@ def load_backbone(spec: str, device: torch.device) -> tuple[nn.Module, int]:
 
     if spec.startswith("untrained:"):
         _, arch, *size = spec.split(":")
-        torch.manual_seed(0)
-        model = build_backbone(arch, embedding_size=int(size[0]) if size else 512)
+        with torch.random.fork_rng(devices=[]):  # seed 0 for the initialisation, the caller's RNG left as it was
+            torch.manual_seed(0)
+            model = build_backbone(arch, embedding_size=int(size[0]) if size else 512)
         return model.to(device).eval(), getattr(model, "input_size", 112)
     if Path(spec).is_dir():  # a training checkpoint directory (runs/<name>/step-N)
         return _from_checkpoint_dir(Path(spec), device)
-    art = torch.load(spec, map_location="cpu", weights_only=False)
+    art = load_state(spec)
     model = build_backbone(art["arch"], embedding_size=art["embedding_size"], **art.get("kwargs", {}))
     model.load_state_dict(art["backbone"] if "backbone" in art else art["state_dict"])  # ours, or a converter's
     size = art.get("input_size", getattr(model, "input_size", 112))
@@ -114,7 +116,7 @@ def load_backbone(spec: str, device: torch.device) -> tuple[nn.Module, int]:
 def _from_checkpoint_dir(path: Path, device: torch.device) -> tuple[nn.Module, int]:
     from training.models import build_backbone
 
-    state = torch.load(path / "model.pt", map_location="cpu", weights_only=False)
+    state = load_state(path / "model.pt")
     m = state["config"]["model"]
     model = build_backbone(m["backbone"], embedding_size=m["embedding_size"], **m.get("kwargs", {}))
     model.load_state_dict(state["backbone"])
@@ -170,7 +172,5 @@ def evaluate_checkpoint(spec: str, pairs: Path, images: Path, crop: tuple | None
         report = evaluate_pairs(pe.a, pe.b, pe.issame)
         plot_roc({spec: (report.roc[0], report.roc[1])}, out_dir / "roc.png")
         plot_erc({f"FMR {k.split('_')[-1]}": (v["reject"], v["fnmr"]) for k, v in result.items() if k.startswith("erc_")}, out_dir / "erc.png", title="Error versus reject (quality = MagFace magnitude)")
-        from training.checkpoint import atomic_write_text
-
         atomic_write_text(out_dir / "eval.json", json.dumps(result, indent=1))
     return result

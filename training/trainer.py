@@ -27,6 +27,7 @@ from training.checkpoint import (
     latest_checkpoint,
     load_checkpoint,
     load_full_head_weight,
+    load_state,
     save_checkpoint,
 )
 from training.config import TrainConfig
@@ -113,7 +114,7 @@ class Trainer:
         m = self.cfg.model
         model = build_backbone(m.backbone, embedding_size=m.embedding_size, dropout=m.dropout, **m.kwargs)
         if m.init:
-            state = torch.load(resolve(m.init, self.settings.runs_dir), map_location="cpu", weights_only=False)
+            state = load_state(resolve(m.init, self.settings.runs_dir))
             model.load_state_dict(state.get("backbone", state.get("state_dict", state)))
         if m.trainable is not None:
             for name, p in model.named_parameters():

@@ -4,10 +4,12 @@ from __future__ import annotations
 import shutil
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
 from training.data.transforms import Preprocess
+from training.eval.degrade import degrade
 from training.evaluate import embed_pairs, load_backbone, magnitude_by_degradation, pair_summary
 
 
@@ -34,17 +36,41 @@ def test_identical_pairs_verify_perfectly(tmp_path):
     assert pair_summary(pe, n_folds=3)["accuracy"] == 1.0
 
 
+class ChannelSpread(torch.nn.Module):
+    """An 'embedding' whose magnitude is easy to compute by hand and moves with blur and noise:
+    the standard deviation of each input channel."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.flatten(2).std(dim=2)  # (B, 3, H, W) -> (B, 3, H·W) -> (B, 3)
+
+
 def test_magnitude_by_degradation_reports_every_level(tmp_path):
     rng = np.random.default_rng(1)
-    paths = []
-    for i in range(3):
-        p = tmp_path / f"{i}.png"
-        Image.fromarray(rng.integers(0, 256, (112, 112, 3), dtype=np.uint8)).save(p)
-        paths.append(p)
-    model, size = load_backbone("untrained:mobilefacenet:64", torch.device("cpu"))
-    out = magnitude_by_degradation(model, paths, Preprocess(size), torch.device("cpu"), {"blur": (0, 2)})
-    (s0, m0), (s1, m1) = out["blur"]
-    assert (s0, s1) == (0.0, 2.0) and m0 > 0 and m1 > 0 and m0 != m1
+    images = [rng.integers(0, 256, (112, 112, 3), dtype=np.uint8) for _ in range(3)]
+    paths = [tmp_path / f"{i}.png" for i in range(3)]
+    for img, p in zip(images, paths):
+        Image.fromarray(img).save(p)
+    levels = {"blur": (0, 2), "noise": (0, 25, 50)}
+    out = magnitude_by_degradation(ChannelSpread(), paths, Preprocess(112), torch.device("cpu"), levels)
+    assert out.keys() == levels.keys()
+    for kind, strengths in levels.items():
+        assert [s for s, _ in out[kind]] == list(strengths)
+        for s, got in out[kind]:
+            frames = [degrade(img, kind, s, seed=i) if s else img for i, img in enumerate(images)]
+            pixels = [(f.astype(np.float64) - 127.5) / 127.5 for f in frames]  # the backbone's input scaling
+            expected = np.mean([np.linalg.norm(p.reshape(-1, 3).std(axis=0, ddof=1)) for p in pixels])
+            assert got == pytest.approx(expected, rel=1e-5), (kind, s)
+    assert out["blur"][1][1] < 0.9 * out["blur"][0][1]  # the levels are far apart: a mix-up would show
+
+
+def test_an_untrained_backbone_is_seeded_without_touching_the_callers_rng():
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    a, _ = load_backbone("untrained:mobilefacenet:64", torch.device("cpu"))
+    assert torch.equal(torch.get_rng_state(), before)
+    b, _ = load_backbone("untrained:mobilefacenet:64", torch.device("cpu"))
+    for (name, p), q in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(p, q), name
 
 
 def test_bin_verification_set(tmp_path):

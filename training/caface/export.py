@@ -11,14 +11,12 @@ vectors scaled like embeddings) and on memories of random sets of those frames: 
 outputs must agree within PARITY_MAX_ABS (stored style relative to its scale), the fused
 embeddings with cosine ≥ PARITY_MIN_COSINE, the qualities within PARITY_MAX_ABS. Graphs are
 written to temp files and moved into place only after parity holds; the card (sha256 of both) last.
+The tracing, the staging and ParityError are training.export's, as for the backbone.
 """
 from __future__ import annotations
 
 import argparse
-import contextlib
-import os
 import shlex
-import warnings
 from pathlib import Path
 from typing import Sequence
 
@@ -28,7 +26,7 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
-from engines.atomic import fsync_file, sha256_file, temp_path_beside
+from engines.atomic import sha256_file
 from engines.fusion import (
     AGGREGATE_INPUTS,
     AGGREGATE_OUTPUTS,
@@ -40,18 +38,15 @@ from engines.fusion import (
 )
 from engines.model_card import ModelCard
 from training.caface.model import CAFace, FusionArch
+from training.checkpoint import load_state
+from training.export import OPSET, ParityError, export_traced, staged_files
 
-OPSET = 17
 PARITY_MAX_ABS = 1e-4
 PARITY_MIN_COSINE = 0.99999
 PARITY_FRAMES = 256
 PARITY_SETS = 64
 LICENCE = ("CelebA: non-commercial research only (trained on features of CelebA images, from a recognition model "
            "fine-tuned on CelebA)")
-
-
-class ParityError(RuntimeError):
-    """The exported graphs do not compute what the torch fusion network computes."""
 
 
 class AssignGraph(nn.Module):
@@ -76,22 +71,11 @@ class AggregateGraph(nn.Module):
 
 
 def load_fusion(path: str | Path) -> tuple[CAFace, dict]:
-    ck = torch.load(path, map_location="cpu", weights_only=False)
+    ck = load_state(path)
     low, high = ck["quality_range"]
     model = CAFace(FusionArch(**ck["arch"]), low, high)
     model.load_state_dict(ck["state_dict"], strict=True)
     return model.float().eval(), ck
-
-
-def export_graph(module: nn.Module, example: tuple, path: Path, inputs, outputs, dynamic: dict) -> None:
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
-        warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"torch\.onnx")
-        warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export")
-        torch.onnx.export(module, example, str(path), input_names=list(inputs), output_names=list(outputs),
-                          dynamic_axes=dynamic, opset_version=OPSET, dynamo=False, do_constant_folding=True)
-    onnx.checker.check_model(str(path))
-    fsync_file(path)
 
 
 def parity_frames(arch: FusionArch, features: Path | None, count: int = PARITY_FRAMES) -> tuple[np.ndarray, np.ndarray, str]:
@@ -185,28 +169,20 @@ def export_fusion(checkpoint: str | Path, out_dir: str | Path, recognition_card:
                          f"{recognition.version} ({recognition.files.onnx.sha256})")
     data = card_data(ck, recognition, name, version, command, checkpoint)
     arch = model.arch
-    out_dir.mkdir(parents=True, exist_ok=True)
-    finals = {"assign": out_dir / "assign.onnx", "aggregate": out_dir / "aggregate.onnx"}
-    tmps = {key: temp_path_beside(path) for key, path in finals.items()}
-    try:
+    graphs = ("assign", "aggregate")
+    with staged_files(out_dir, [f"{key}.onnx" for key in graphs]) as tmps:
         m, d, k = arch.clusters, arch.embedding_size, arch.stored_style + 2
-        export_graph(AssignGraph(model), (torch.randn(3, d), torch.randn(3, arch.style_size)), tmps["assign"],
-                     ASSIGN_INPUTS, ASSIGN_OUTPUTS, {n: {0: "frames"} for n in (*ASSIGN_INPUTS, *ASSIGN_OUTPUTS)})
-        export_graph(AggregateGraph(model), (torch.rand(m, d), torch.rand(m, k), torch.rand(m) + 1), tmps["aggregate"],
-                     AGGREGATE_INPUTS, AGGREGATE_OUTPUTS, {})
-        for key, tmp in tmps.items():
+        export_traced(AssignGraph(model), (torch.randn(3, d), torch.randn(3, arch.style_size)), tmps[0],
+                      ASSIGN_INPUTS, ASSIGN_OUTPUTS, {n: {0: "frames"} for n in (*ASSIGN_INPUTS, *ASSIGN_OUTPUTS)})
+        export_traced(AggregateGraph(model), (torch.rand(m, d), torch.rand(m, k), torch.rand(m) + 1), tmps[1],
+                      AGGREGATE_INPUTS, AGGREGATE_OUTPUTS, {})
+        for key, tmp in zip(graphs, tmps):
             data["files"][key] = {"path": tmp.name, "sha256": sha256_file(tmp)}
         card = FusionCard.model_validate(data)
         raw, style, inputs = parity_frames(arch, parity_features)
         card.parity = check_parity(model, FusionModel(card, out_dir), raw, style, inputs)
-        for key, tmp in tmps.items():
-            os.replace(tmp, finals[key])
-            getattr(card.files, key).path = finals[key].name
-    except BaseException:
-        for tmp in tmps.values():
-            with contextlib.suppress(OSError):
-                tmp.unlink()
-        raise
+    for key in graphs:
+        getattr(card.files, key).path = f"{key}.onnx"
     card.save(out_dir)
     return card
 

@@ -10,14 +10,16 @@ from the clean crops and the style normalisation from every training frame, then
 (training.caface.sets.SetSampler). Each step also fuses every set a second time from two chunks
 of its frames in another order, assigned in separate batches, for the sequential loss term.
 
-Resumable: runs/NAME/checkpoint.pt (model, optimiser, step, sampler state; written atomically every
-`checkpoint_every` steps) is picked up by a rerun. The result is runs/NAME/caface.pt, what
-training.caface.export reads. Scalars go to runs/NAME/metrics.jsonl.
+The schedule (training.scheduler, "cosine" with warm-up in steps), checkpoints (training.checkpoint:
+runs/NAME/step-N/ with model, optimiser, step and sampler state, written atomically every
+`checkpoint_every` steps and picked up by a rerun) and scalars (training.metrics_log:
+runs/NAME/metrics.jsonl) are the backbone trainer's. The result is runs/NAME/caface.pt, what
+training.caface.export reads.
 """
 from __future__ import annotations
 
 import argparse
-import math
+import logging
 import time
 from pathlib import Path
 from typing import Sequence
@@ -30,9 +32,13 @@ from training.caface.config import CAFaceConfig, load_caface_config
 from training.caface.loss import caface_loss, centre_loss, class_centres, frame_quality_targets
 from training.caface.model import CAFace
 from training.caface.sets import Features, SetSampler, split_identities
-from training.checkpoint import atomic_torch_save
+from training.checkpoint import atomic_torch_save, latest_checkpoint, load_checkpoint, save_checkpoint
+from training.config import ScheduleConfig
 from training.metrics_log import MetricsLog
+from training.scheduler import lr_lambda
 from training.settings import get_settings
+
+log = logging.getLogger("faceset.caface.train")
 
 VALIDATION_SETS = 512
 
@@ -76,13 +82,6 @@ def sequential_fusion(model: CAFace, raw, style, index: torch.Tensor, num_sets: 
     return model.aggregate(sums, style_sums, counts)[0]
 
 
-def lr_at(step: int, cfg: CAFaceConfig) -> float:
-    warm = cfg.optim.warmup_steps
-    if step < warm:
-        return cfg.optim.lr * (step + 1) / warm
-    return cfg.optim.lr * 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, cfg.steps - warm)))
-
-
 @torch.no_grad()
 def validation_loss(model: CAFace, features: Features, centres: torch.Tensor, seed: int = 1) -> tuple[float, float]:
     """Centre loss on VALIDATION_SETS fixed random sets of identities never trained on: (CAFace, plain mean of f̂)."""
@@ -115,19 +114,22 @@ def train(cfg: CAFaceConfig, run_dir: Path | None = None) -> Path:
     sampler = SetSampler(train_set, cfg.sets.min_size, cfg.sets.max_size, cfg.sets.max_images, seed=cfg.seed,
                          exclude_variants=cfg.sets.exclude_variants)
     generator = torch.Generator().manual_seed(cfg.seed)
+    # warm-up counted in steps: one "epoch" per step
+    schedule = lr_lambda(ScheduleConfig(name="cosine", warmup_epochs=cfg.optim.warmup_steps), cfg.steps, 1)
     step = 0
-    checkpoint = run_dir / "checkpoint.pt"
-    if checkpoint.exists():
-        state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    checkpoint = latest_checkpoint(run_dir)
+    if checkpoint is not None:
+        state = load_checkpoint(checkpoint)[0]
         model.load_state_dict(state["model"]), optim.load_state_dict(state["optim"])
         sampler.rng.bit_generator.state, step = state["sampler"], state["step"]
         generator.set_state(state["generator"])
-    log = MetricsLog(run_dir)
+        log.info("resumed from %s at step %d", checkpoint, step)
+    metrics = MetricsLog(run_dir)
     model.train()
     t0 = time.time()
     while step < cfg.steps:
         for group in optim.param_groups:
-            group["lr"] = lr_at(step, cfg)
+            group["lr"] = cfg.optim.lr * schedule(step)
         rows, variants, index, labels = sampler.sample(cfg.batch_sets)
         raw, style = batch_tensors(train_set, rows, variants)
         index_t = torch.from_numpy(index)
@@ -141,18 +143,18 @@ def train(cfg: CAFaceConfig, run_dir: Path | None = None) -> Path:
         optim.step()
         step += 1
         if step % cfg.log_every == 0 or step == cfg.steps:
-            log.log(step, loss=loss.item(), lr=lr_at(step - 1, cfg), frames=len(rows), **terms)
-            print(f"step {step}/{cfg.steps} loss {loss.item():.5f} centre {terms['centre']:.5f} "
-                  f"sequential {terms['sequential']:.2e} frame quality {terms['frame_quality']:.4f} ({time.time() - t0:.0f} s)",
-                  flush=True)
+            metrics.log(step, loss=loss.item(), lr=optim.param_groups[0]["lr"], frames=len(rows), **terms)
+            log.info("step %d/%d loss %.5f centre %.5f sequential %.2e frame quality %.4f (%.0f s)", step, cfg.steps,
+                     loss.item(), terms["centre"], terms["sequential"], terms["frame_quality"], time.time() - t0)
         if step % cfg.checkpoint_every == 0 or step == cfg.steps:
             val, val_mean = validation_loss(model, eval_set, eval_centres)
-            log.log(step, val_centre=val, val_centre_plain_mean=val_mean)
-            print(f"step {step}: validation centre loss {val:.5f} (plain mean {val_mean:.5f}) on "
-                  f"{len(eval_set.identities)} held-out identities")
-            atomic_torch_save({"model": model.state_dict(), "optim": optim.state_dict(), "step": step,
-                               "sampler": sampler.rng.bit_generator.state, "generator": generator.get_state()},
-                              checkpoint)
+            metrics.log(step, val_centre=val, val_centre_plain_mean=val_mean)
+            log.info("step %d: validation centre loss %.5f (plain mean %.5f) on %d held-out identities", step, val,
+                     val_mean, len(eval_set.identities))
+            save_checkpoint(run_dir, step, {"model": model.state_dict(), "optim": optim.state_dict(), "step": step,
+                                            "sampler": sampler.rng.bit_generator.state,
+                                            "generator": generator.get_state()})
+    metrics.close()
     out = run_dir / "caface.pt"
     atomic_torch_save({"state_dict": model.state_dict(), "arch": cfg.arch.model_dump(),
                        "quality_range": [card.quality.low, card.quality.high], "config": cfg.model_dump(),
