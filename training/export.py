@@ -38,7 +38,7 @@ import sys
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import cv2
 import numpy as np
@@ -57,6 +57,7 @@ from engines.model_card import (
     temp_path_beside,
 )
 from engines.onnx_runtime import OnnxRuntimeEngine
+from training.checkpoint import load_state
 from training.models import build_backbone
 from training.models.layers import FaceBackbone
 
@@ -71,7 +72,7 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
 
 class ParityError(RuntimeError):
-    """The exported graph does not compute what the torch backbone computes."""
+    """An exported graph does not compute what its torch module computes."""
 
 
 # ---------------------------------------------------------------- checkpoints
@@ -185,7 +186,7 @@ def _square_side(size) -> int:
 def load_backbone(path: str | Path) -> LoadedBackbone:
     """The backbone of a faceset backbone.pt or a converted dlib checkpoint, in eval mode."""
     path = Path(path)
-    ck = torch.load(path, map_location="cpu", weights_only=True)
+    ck = load_state(path)
     fmt = next((f for f in CHECKPOINT_FORMATS.values() if f.state_key in ck), None)
     if fmt is None:
         keys = " or ".join(f.state_key for f in CHECKPOINT_FORMATS.values())
@@ -250,23 +251,52 @@ class ExportModule(nn.Module):
         return self.backbone(y), style_statistics(self.backbone.forward_intermediates(y))
 
 
-def export_graph(module: ExportModule, size: int, path: Path, opset: int = OPSET) -> None:
-    """torch.onnx.export (TorchScript exporter: the dynamo one needs onnxscript) with a dynamic batch axis."""
-    outputs = [EMBEDDING_NAME] + ([STYLE_NAME] if module.style else [])
-    example = torch.zeros(2, 3, size, size)
+def export_traced(module: nn.Module, example: tuple, path: Path, inputs: Sequence[str], outputs: Sequence[str],
+                  dynamic_axes: dict, opset: int = OPSET) -> None:
+    """torch.onnx.export (TorchScript exporter: the dynamo one needs onnxscript), checked, fsynced.
+
+    Shape-dependent Python (dlib's zero-padded add) is traced as constants: valid for the fixed
+    sizes of the example; the dynamic axes are checked by the caller's parity run at other sizes.
+    """
     with warnings.catch_warnings(), torch.no_grad():
-        # shape-dependent Python in a backbone (dlib's zero-padded add) is traced as constants: valid
-        # for the card's fixed input size; the batch axis is checked by running parity at other sizes
         warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
         warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"torch\.onnx")
         warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export")
-        torch.onnx.export(
-            module, (example,), str(path), input_names=[INPUT_NAME], output_names=outputs,
-            dynamic_axes={name: {0: "batch"} for name in [INPUT_NAME, *outputs]},
-            opset_version=opset, dynamo=False, do_constant_folding=True,
-        )
+        torch.onnx.export(module, example, str(path), input_names=list(inputs), output_names=list(outputs),
+                          dynamic_axes=dynamic_axes, opset_version=opset, dynamo=False, do_constant_folding=True)
     onnx.checker.check_model(str(path))
     fsync_file(path)
+
+
+def export_graph(module: ExportModule, size: int, path: Path, opset: int = OPSET) -> None:
+    """The backbone graph, with a dynamic batch axis."""
+    outputs = [EMBEDDING_NAME] + ([STYLE_NAME] if module.style else [])
+    export_traced(module, (torch.zeros(2, 3, size, size),), path, [INPUT_NAME], outputs,
+                  {name: {0: "batch"} for name in [INPUT_NAME, *outputs]}, opset)
+
+
+@contextlib.contextmanager
+def staged_files(out_dir: Path, names: Sequence[str]) -> Iterator[list[Path]]:
+    """Temp paths for out_dir/NAME, moved into place only when the block (export, then parity) finishes.
+
+    When the block raises, the temps are deleted and an out_dir made here is removed again:
+    nothing of a failed export stays behind.
+    """
+    created = not out_dir.exists()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    finals = [out_dir / name for name in names]
+    tmps = [temp_path_beside(final) for final in finals]
+    try:
+        yield tmps
+    except BaseException:  # cleaning up, then re-raised
+        for tmp in tmps:
+            tmp.unlink(missing_ok=True)
+        if created:
+            with contextlib.suppress(OSError):  # only an empty folder is removed
+                out_dir.rmdir()
+        raise
+    for tmp, final in zip(tmps, finals):
+        os.replace(tmp, final)
 
 
 # ---------------------------------------------------------------- parity
@@ -403,25 +433,14 @@ def export_onnx(
     faces, inputs = _parity_faces(parity_images, size)
 
     out_dir = Path(out_dir)
-    created = not out_dir.exists()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    final = out_dir / f"{name}.onnx"
-    tmp = temp_path_beside(final)
-    try:
+    with staged_files(out_dir, [f"{name}.onnx"]) as (tmp,):
         module = ExportModule(loaded.model, data["input"]["channel_order"], data["input"]["mean"],
                               data["input"]["std"], style=style_outputs).eval()
         export_graph(module, size, tmp, opset)
         data["files"]["onnx"] = {"path": tmp.name, "sha256": sha256_file(tmp)}
         card = ModelCard.model_validate(data).set_root(out_dir)
         card.parity = check_parity(loaded.model, card, faces, inputs)
-        os.replace(tmp, final)
-    except BaseException:  # cleaning up, then re-raised: nothing of a failed export stays behind
-        tmp.unlink(missing_ok=True)
-        if created:
-            with contextlib.suppress(OSError):  # only an empty folder is removed
-                out_dir.rmdir()
-        raise
-    card.files.onnx.path = final.name
+    card.files.onnx.path = f"{name}.onnx"
     card.save(out_dir / CARD_FILENAME)
     return card
 
@@ -473,7 +492,7 @@ def load_magface_backbone(pth: str | Path, arch: str, embedding_size: int = 512)
     from training.models.iresnet import load_insightface_state_dict
 
     path = Path(pth)
-    ck = torch.load(path, map_location="cpu", weights_only=True)  # weights only: a downloaded file runs no code
+    ck = load_state(path)  # weights only: a downloaded file runs no code
     backbone = build_backbone(arch, embedding_size=embedding_size)
     dropped = load_insightface_state_dict(backbone, ck)
     for module in backbone.modules():
