@@ -1,12 +1,12 @@
-"""Bring your own model: model cards for recognition networks faceset did not train.
+"""Model cards for insightface model-zoo recognition ONNX: bring your own model, one faceset did not train.
 
     card = card_for_insightface_onnx("w600k_r50.onnx", name="w600k-r50")
     card.save("models/w600k-r50")   # beside the ONNX: the card's paths are relative to its folder
     engine = build_engine("onnxruntime", card=card)
 
 insightface model-zoo recognition ONNX (w600k_r50, glintr100, w600k_mbf, …) read faces aligned to
-the ArcFace 112×112 template, RGB (insightface swaps OpenCV's BGR before the network), scaled
-(p − 127.5)/127.5, and return the raw 512-d embedding. The card takes the input and output
+the arcface_112 reference landmarks (engines.reference_landmarks), RGB (insightface swaps OpenCV's
+BGR before the network), scaled (p − 127.5)/127.5, and return the raw 512-d embedding. The card takes the input and output
 names and sizes from the graph itself, so a model that is not of that family fails here and not
 as wrong embeddings later. Official MagFace checkpoints (PyTorch .pth) go through
 `training.export.export_magface_checkpoint`, which writes ONNX and card together.

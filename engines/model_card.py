@@ -11,7 +11,7 @@ Nothing here imports torch: the service reads cards.
 
 Conventions the fields rely on:
   input       aligned uint8 RGB faces of side `input.size`, made with the 5-point template named
-              `input.template` (engines.templates); the model sees x = (p − mean)/std per channel,
+              `input.template` (engines.reference_landmarks); the model sees x = (p − mean)/std per channel,
               channels in `input.channel_order`, layout NCHW (`engines.base.preprocess`).
   embedding   the raw network output f (not normalised): ‖f‖ is the magnitude, f/‖f‖ is compared
               by cosine. With `flip_tta`, f = f(image) + f(mirrored image).
@@ -62,7 +62,7 @@ class Files(_Strict):
 
 class InputSpec(_Strict):
     size: int = Field(gt=0, description="Side of the square aligned face, in pixels.")
-    template: str = Field(min_length=1, description="Name of the 5-point alignment template (engines.templates), "
+    template: str = Field(min_length=1, description="Name of the 5-point reference landmarks (engines.reference_landmarks), "
                           "e.g. 'arcface_112' or 'dlib_150'; it is scaled to `size`.")
     channel_order: Literal["RGB", "BGR"] = Field("RGB", description="Channel order the network reads.")
     mean: list[float] = Field(min_length=3, max_length=3, description="Per-channel mean subtracted from pixels "

@@ -1,4 +1,4 @@
-"""Photo -> faces: detect, align to the model card's template, embed (one batched call), quality.
+"""Photo -> faces: detect, align to the model card's reference landmarks, embed (one batched call), quality.
 
 The same code serves `faceset eval` on raw photos and the HTTP service; it sees the recognition
 model only through the `Engine` interface and its model card, so any runtime (or a dynamic
@@ -12,11 +12,11 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from engines.align import align
+from engines.align import align, transform_points
 from engines.base import Engine, embed_aligned
 from engines.detection import Detection, FaceDetector
 from engines.model_card import ModelCard, quality_from_magnitude
-from engines.templates import get_template
+from engines.reference_landmarks import get_reference
 
 
 @dataclass(frozen=True)
@@ -36,7 +36,7 @@ class FacePipeline:
 
     def __init__(self, detector: FaceDetector, engine: Engine, card: ModelCard, detect_max_side: int | None = None) -> None:
         self.detector, self.engine, self.card = detector, engine, card
-        self.template, self.template_size = get_template(card.input.template)
+        self.reference, self.reference_size = get_reference(card.input.template)
         self.detect_max_side = detect_max_side
 
     def detect(self, image: np.ndarray, max_faces: int | None = None, min_face_size: float = 0.0) -> list[Detection]:
@@ -54,19 +54,20 @@ class FacePipeline:
             return self.detector.detect(image)
         scale = self.detect_max_side / max(h, w)
         small = cv2.resize(image, (max(1, round(w * scale)), max(1, round(h * scale))), interpolation=cv2.INTER_AREA)
-        scale_xy = np.array([w / small.shape[1], h / small.shape[0]])  # exact ratios after rounding the size
-        offset = 0.5 * scale_xy - 0.5  # pixel centres at i (OpenCV's convention): x ↦ (x + 0.5)·s − 0.5
+        sx, sy = w / small.shape[1], h / small.shape[0]  # exact ratios after rounding the size
+        # small-copy pixels -> photo pixels, pixel centres at i (OpenCV's convention): x ↦ (x + 0.5)·s − 0.5
+        to_photo = np.array([[sx, 0.0, 0.5 * sx - 0.5], [0.0, sy, 0.5 * sy - 0.5]])
         out = []
         for d in self.detector.detect(small):
-            corners = np.reshape(d.bbox, (2, 2)) * scale_xy + offset  # (x1, y1), (x2, y2)
+            corners = transform_points(to_photo, np.reshape(d.bbox, (2, 2)))  # (x1, y1), (x2, y2)
             out.append(Detection(tuple(float(v) for v in corners.ravel()), d.score,
-                                 np.asarray(d.landmarks) * scale_xy + offset))
+                                 transform_points(to_photo, d.landmarks)))
         return out
 
     def align(self, image: np.ndarray, detections: Sequence[Detection]) -> np.ndarray:
         """(N, S, S, 3) uint8 crops, S the card's input size."""
         s = self.card.input.size
-        crops = [align(image, d.landmarks, s, self.template, self.template_size) for d in detections]
+        crops = [align(image, d.landmarks, s, self.reference, self.reference_size) for d in detections]
         return np.stack(crops) if crops else np.zeros((0, s, s, 3), np.uint8)
 
     def embed_crops(self, crops: np.ndarray) -> np.ndarray:

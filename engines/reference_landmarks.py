@@ -1,12 +1,15 @@
-"""Named 5-point alignment templates: where a model expects the landmarks in its input crop.
+"""Named reference landmarks: where a model expects the 5 face landmarks in its aligned input crop.
 
-A template is the (5, 2) (x, y) positions, in pixels of a size×size crop (pixel i's centre at i,
-OpenCV's convention), of the 5 landmarks in `engines.detection.LANDMARK_NAMES` order: left eye,
-right eye, nose, left mouth corner, right mouth corner, left/right as seen in the image. A model
-card names its template; `engines.align.align(image, landmarks, size, points, size)` makes the crop.
+A set of reference landmarks (the "alignment template" of the face-alignment literature, and the
+card's `input.template` field) is the (5, 2) (x, y) positions, in pixels of a size×size crop
+(pixel i's centre at i, OpenCV's convention), of the 5 landmarks in
+`engines.detection.LANDMARK_NAMES` order: left eye, right eye, nose, left mouth corner, right mouth
+corner, left/right as seen in the image. A model card names its set; `engines.align.align(image,
+landmarks, size, points, size)` makes the crop. Not to be confused with CAFace templates
+(`service.templates`, a person's fused frames) or IJB evaluation templates.
 
-Templates are for a detector's landmark *definition*, not only for a model: "eye" means the eye
-centre as MTCNN marks it. A template measured with another landmark detector (dlib's 5-point
+Reference landmarks are for a detector's landmark *definition*, not only for a model: "eye" means
+the eye centre as MTCNN marks it. A set measured with another landmark detector (dlib's 5-point
 model marks eye corners) would misplace every crop by a few pixels.
 """
 from __future__ import annotations
@@ -20,18 +23,18 @@ from engines.registry import Registry
 
 
 @dataclass(frozen=True)
-class FaceTemplate:
+class ReferenceLandmarks:
     points: np.ndarray  # (5, 2) float32, pixels of a size×size crop
     size: int
 
 
-TEMPLATES: Registry = Registry("template")
+REFERENCES: Registry = Registry("reference landmarks")
 
 
-@TEMPLATES.register("arcface_112")
-def arcface_112() -> FaceTemplate:
+@REFERENCES.register("arcface_112")
+def arcface_112() -> ReferenceLandmarks:
     """insightface's 112×112 template (REFERENCE.md), what arcface-family models were trained on."""
-    return FaceTemplate(ARCFACE_TEMPLATE.astype(np.float32), ARCFACE_TEMPLATE_SIZE)
+    return ReferenceLandmarks(ARCFACE_TEMPLATE.astype(np.float32), ARCFACE_TEMPLATE_SIZE)
 
 
 # MTCNN's landmarks on dlib's own 150×150 chips (dlib.get_face_chip(img, shape5, size=150,
@@ -57,17 +60,17 @@ DLIB_150_POINTS = (
 )
 
 
-@TEMPLATES.register("dlib_150")
-def dlib_150() -> FaceTemplate:
+@REFERENCES.register("dlib_150")
+def dlib_150() -> ReferenceLandmarks:
     """dlib's 150×150 chip (size 150, padding 0.25) for MTCNN's landmarks; see the measurement above."""
-    return FaceTemplate(np.array(DLIB_150_POINTS, dtype=np.float32), 150)
+    return ReferenceLandmarks(np.array(DLIB_150_POINTS, dtype=np.float32), 150)
 
 
-def get_template(name: str) -> tuple[np.ndarray, int]:
-    """The named template's points ((5, 2) float32, a fresh copy the caller may change) and crop size."""
-    template = TEMPLATES.build(name)
-    return template.points.copy(), template.size
+def get_reference(name: str) -> tuple[np.ndarray, int]:
+    """The named set's points ((5, 2) float32, a fresh copy the caller may change) and crop size."""
+    reference = REFERENCES.build(name)
+    return reference.points.copy(), reference.size
 
 
-def template_names() -> list[str]:
-    return TEMPLATES.names()
+def reference_names() -> list[str]:
+    return REFERENCES.names()

@@ -8,7 +8,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from engines.base import embed_aligned
-from engines.byo import card_for_insightface_onnx
+from engines.insightface_cards import card_for_insightface_onnx
 from engines.model_card import ModelCard, ModelCardError, sha256_file
 from engines.onnx_runtime import OnnxRuntimeEngine
 

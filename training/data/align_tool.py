@@ -41,7 +41,7 @@ from engines.align import align
 from engines.atomic import atomic_write_bytes
 from engines.detection import Detection, FaceDetector, build_detector
 from engines.registry import Registry
-from engines.templates import get_template, template_names
+from engines.reference_landmarks import get_reference, reference_names
 from training.data.folder import IMAGE_EXTENSIONS
 
 log = logging.getLogger(__name__)
@@ -268,7 +268,7 @@ def align_folder(
 ) -> AlignReport:
     """Align every image below src_root into dst_root (see the module docstring).
 
-    template: a name in engines.templates; size: crop side (default the template's own, the
+    template: a name in engines.reference_landmarks; size: crop side (default the template's own, the
         points scale with it).
     detector: None or a registered detector name ("mtcnn") is built with min_face_size and
         `threads` ONNX Runtime threads, once per process; an instance is used as is (workers = 1 only).
@@ -284,7 +284,7 @@ def align_folder(
     detector = "mtcnn" if detector is None else detector
     if workers > 1 and not isinstance(detector, str):
         raise ValueError("with workers > 1 pass the detector by name: each process builds its own")
-    points, template_size = get_template(template)
+    points, template_size = get_reference(template)
     size = template_size if size is None else int(size)
     images = list_images(src_root, skip=dst_root)
     check_unique_outputs(images)
@@ -324,7 +324,7 @@ def measure_landmarks(images: Iterable[np.ndarray], detector: FaceDetector, pick
                       ) -> tuple[np.ndarray, np.ndarray]:
     """The picked face's landmarks (K, 5, 2) in each image where a face is found, and those images' indices (K,).
 
-    How engines/templates.py's dlib_150 was measured: over crops made by another pipeline, the
+    How engines/reference_landmarks.py's dlib_150 was measured: over crops made by another pipeline, the
     mean of these landmarks is where our detector's points sit in that pipeline's crops.
     """
     picker = FACE_PICKERS.get(pick)
@@ -344,7 +344,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("src", type=Path, help="folder-per-identity tree or flat folder of photos")
     parser.add_argument("dst", type=Path, help="where the aligned JPEGs, _report.jsonl and _align.json go")
-    parser.add_argument("--template", default="arcface_112", choices=template_names())
+    parser.add_argument("--template", default="arcface_112", choices=reference_names())
     parser.add_argument("--size", type=int, default=None, help="crop side (default: the template's)")
     parser.add_argument("--min-face-size", type=float, default=20, help="smallest face searched, pixels")
     parser.add_argument("--pick", default="largest", choices=FACE_PICKERS.names())

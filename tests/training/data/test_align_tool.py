@@ -10,7 +10,7 @@ import pytest
 
 from engines.align import alignment_matrix, transform_points
 from engines.detection import Detection, build_detector
-from engines.templates import get_template
+from engines.reference_landmarks import get_reference
 from training.data.align_tool import (
     REPORT_NAME,
     align_folder,
@@ -86,12 +86,12 @@ def make_tree(tmp_path: Path, points: np.ndarray) -> tuple[Path, KnownFaces, dic
 
 @pytest.fixture
 def blob_tree(tmp_path: Path) -> tuple[Path, KnownFaces, dict[str, np.ndarray]]:
-    return make_tree(tmp_path, get_template("arcface_112")[0])
+    return make_tree(tmp_path, get_reference("arcface_112")[0])
 
 
 @pytest.mark.parametrize("template, size", [("arcface_112", None), ("dlib_150", None), ("arcface_112", 224)])
 def test_crops_put_the_landmarks_on_the_template(tmp_path, template, size):
-    points, template_size = get_template(template)
+    points, template_size = get_reference(template)
     tmp, detector, truth = make_tree(tmp_path, points)
     report = align_folder(tmp / "src", tmp / "dst", template=template, size=size, detector=detector)
     assert (report.images, report.aligned, report.no_face, report.skipped) == (4, 3, 1, 0)
@@ -231,7 +231,7 @@ def test_real_crops_redetect_on_the_template(data_dir, tmp_path, mtcnn, template
     src = few_celeba(data_dir, tmp_path)
     report = align_folder(src, tmp_path / "dst", template=template, detector=mtcnn)
     assert report.aligned == 6 and report.skipped == 0
-    points, size = get_template(template)
+    points, size = get_reference(template)
     redetected, to_template = [], []
     for rel, record in read_report(tmp_path / "dst" / REPORT_NAME).items():
         crop = read_rgb(tmp_path / "dst" / record["output"])
@@ -281,5 +281,5 @@ def test_measure_landmarks_finds_the_template_on_aligned_crops(data_dir, tmp_pat
     crops = [read_rgb(p) for p in sorted((tmp_path / "dst").rglob("*.jpg"))]
     landmarks, index = measure_landmarks(crops, mtcnn)
     assert landmarks.shape == (6, 5, 2) and index.tolist() == list(range(6))
-    points, _ = get_template("dlib_150")
+    points, _ = get_reference("dlib_150")
     assert np.linalg.norm(landmarks.mean(axis=0) - points, axis=1).max() < 4.0
