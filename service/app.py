@@ -40,7 +40,6 @@ log = logging.getLogger("faceset")
 RUNTIME_OPTIONS = {
     "onnxruntime": lambda s: {"intra_op_threads": s.engine_threads, "spin_wait": False},
     "tensorrt": lambda s: {"cache_dir": s.state_dir / "tensorrt"},
-    "torch": lambda s: {},
 }
 
 

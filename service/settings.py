@@ -10,12 +10,13 @@ from __future__ import annotations
 import logging
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 REPO = Path(__file__).resolve().parent.parent
+ServingRuntime = Literal["onnxruntime", "tensorrt"]
 
 
 class Settings(BaseSettings):
@@ -41,9 +42,10 @@ class Settings(BaseSettings):
     detector_dir: Path = Field(
         default=REPO / "models" / "detector",
         description="Face detector (MTCNN ONNX + card) folder.")
-    engine: str = Field(
+    engine: ServingRuntime = Field(
         default="onnxruntime",
-        description="Runtime for the recognition model: onnxruntime (CPU, CUDA where present) or tensorrt.")
+        description="Runtime for the recognition model: onnxruntime (CPU, CUDA where present) or tensorrt. "
+                    "torch is not served: it would load torch and the training package.")
     engine_threads: int = Field(
         default=0, ge=0,
         description="Threads per recognition inference; 0 = every core. Lower leaves cores for detection.")
@@ -96,6 +98,13 @@ class Settings(BaseSettings):
         default=64, ge=1,
         description="Face requests served at once; more get 429 at once instead of queueing without bound.")
     log_level: Literal["debug", "info", "warning", "error"] = Field(default="info", description="Log level.")
+
+    @field_validator("engine", mode="before")
+    @classmethod
+    def _serving_runtime(cls, value: object) -> object:
+        if value not in get_args(ServingRuntime):  # pydantic's own message names the field, not the variable
+            raise ValueError(f"FACESET_ENGINE must be one of {', '.join(get_args(ServingRuntime))}, not {value!r}")
+        return value
 
     @field_validator("model_card", "detector_dir")
     @classmethod

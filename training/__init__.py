@@ -1,4 +1,5 @@
 """faceset training library: backbones, margin losses, Partial FC, data, evaluation, DDP training.
 
-Installed with the ``train`` extra (it needs torch); the service never imports it.
+Its own distribution, faceset-train (training/pyproject.toml: it needs torch), which adds the
+training commands to `faceset`; the service never imports it.
 """

@@ -8,7 +8,6 @@ linearly between their 1st and 99th percentiles on the same crops.
 """
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import numpy as np
@@ -59,22 +58,3 @@ def calibrate(card: ModelCard, emb: np.ndarray, labels: np.ndarray, dataset: str
     )
     card.quality = Quality(low=float(low), high=float(high))
     return card
-
-
-def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m training.calibrate", description=__doc__)
-    ap.add_argument("card", type=Path)
-    ap.add_argument("--holdout", required=True, type=Path, help="aligned crops, one folder per held-out identity")
-    ap.add_argument("--dataset", required=True, help="name of the hold-out data, written to the card")
-    ap.add_argument("--threads", type=int, default=0)
-    args = ap.parse_args(argv)
-    card = ModelCard.load(args.card)
-    emb, labels = embed_tree(card, args.holdout, args.threads)
-    card = calibrate(card, emb, labels, args.dataset)
-    card.save(args.card)
-    c = card.calibration
-    print(f"{c.positive_pairs} genuine / {c.negative_pairs} impostor pairs; thresholds {c.thresholds}; quality {card.quality}")
-
-
-if __name__ == "__main__":
-    main()

@@ -1,6 +1,6 @@
 """Export a trained backbone to ONNX plus a model card, checked against torch before anything is kept.
 
-    python -m training.export runs/NAME/backbone.pt --out models/NAME --name NAME --version 1 \\
+    faceset export runs/NAME/backbone.pt --out models/NAME --name NAME --version 1 \\
         --licence "…" [--data-licence "…"] [--template arcface_112] [--parity-dir DIR] [--card overrides.yaml] [--style]
 
 Reads either checkpoint faceset writes for a backbone: `Trainer.export_final`'s backbone.pt
@@ -28,13 +28,10 @@ Official MagFace checkpoints (iResNet .pth, `features.module.` keys) export with
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import inspect
 import json
 import os
-import shlex
-import sys
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -550,50 +547,16 @@ def read_faces(folder: str | Path, size: int, limit: int = 32) -> np.ndarray:
     return np.stack(faces)  # (N, S, S, 3)
 
 
-# ---------------------------------------------------------------- CLI
-
-
-def _overrides_from_args(args: argparse.Namespace) -> dict:
+def card_overrides(card_yaml: Path | None = None, template: str | None = None, licence: str | None = None,
+                   data_licence: str | None = None) -> dict:
+    """Card fields to set: a YAML of them, then the template, the weights' and the data's licences on top."""
     import yaml
 
-    overrides = yaml.safe_load(args.card.read_text()) if args.card else {}
-    if args.template:
-        overrides = deep_merge(overrides, {"input": {"template": args.template}})
-    if args.licence:
-        overrides["licence"] = args.licence
-    if args.data_licence:
-        overrides = deep_merge(overrides, {"training": {"licence": args.data_licence}})
+    overrides = yaml.safe_load(card_yaml.read_text()) if card_yaml else {}
+    if template:
+        overrides = deep_merge(overrides, {"input": {"template": template}})
+    if licence:
+        overrides["licence"] = licence
+    if data_licence:
+        overrides = deep_merge(overrides, {"training": {"licence": data_licence}})
     return overrides
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("backbone_pt", type=Path,
-                        help="backbone.pt (Trainer.export_final) or a converted dlib checkpoint")
-    parser.add_argument("--out", type=Path, required=True, help="folder for NAME.onnx and card.yaml")
-    parser.add_argument("--name", required=True)
-    parser.add_argument("--version", required=True)
-    parser.add_argument("--template", help="5-point template the model's faces are aligned with (default: the "
-                        "training crops' (align_tool's _align.json), dlib_150 for a converted dlib checkpoint, "
-                        f"else {DEFAULT_TEMPLATE})")
-    parser.add_argument("--parity-dir", type=Path,
-                        help="aligned face images for the parity check (default: random pixels)")
-    parser.add_argument("--card", type=Path, help="YAML of card fields to set (calibration, accuracy, training …)")
-    parser.add_argument("--licence", help="terms of the weights (card field licence)")
-    parser.add_argument("--data-licence", help="terms of the training data (card field training.licence)")
-    parser.add_argument("--style", action="store_true", help="add the CAFace style output")
-    parser.add_argument("--opset", type=int, default=OPSET)
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (the export is not worth more)")
-    args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    loaded = load_backbone(args.backbone_pt)
-    faces = read_faces(args.parity_dir, loaded.input_size) if args.parity_dir else None
-    command = "python -m training.export " + shlex.join(sys.argv[1:] if argv is None else list(argv))
-    card = export_onnx(loaded, args.out, args.name, args.version, _overrides_from_args(args), faces,
-                       args.opset, args.style, command)
-    print(f"wrote {card.onnx_path} and {args.out / CARD_FILENAME}: parity min cosine {card.parity.min_cosine:.6f} "
-          f"on {card.parity.images} faces ({card.parity.inputs})")
-
-
-if __name__ == "__main__":
-    main()

@@ -1,13 +1,10 @@
-"""Entry point for one training process: `python -m training.train CONFIG [--set k=v ...]`.
+"""One training process: `faceset train CONFIG [--set k=v ...]` calls `run`.
 
-Launched directly for one process, or by `torchrun --nproc_per_node N -m training.train ...`
-(which `faceset train --nproc N` does for you).
+`faceset train --nproc N` starts N of them under torchrun, each running `faceset train` again.
 """
 from __future__ import annotations
 
-import argparse
 import json
-import logging
 from pathlib import Path
 
 import torch
@@ -33,17 +30,3 @@ def run(config: str, overrides: list[str], run_dir: str | None = None) -> dict:
     if dist.is_dist():
         torch.distributed.destroy_process_group()
     return result
-
-
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="training.train")
-    p.add_argument("config", help="a YAML path or the name of a shipped config")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("--run-dir", default=None)
-    args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    run(args.config, args.overrides, args.run_dir)
-
-
-if __name__ == "__main__":
-    main()

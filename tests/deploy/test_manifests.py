@@ -49,9 +49,25 @@ def test_dockerfile_serves_the_committed_models_on_its_exposed_port(routes):
     assert cmd == f'["faceset", "serve", "--host", "0.0.0.0", "--port", "{port}"]'
     health = re.search(r"http://127\.0\.0\.1:(\d+)(/\w+)", DOCKERFILE)
     assert health.group(1) == port and health.group(2) in routes
-    assert "[train" not in DOCKERFILE  # the service image installs no torch
     for image in re.findall(r"^FROM (\S+)", DOCKERFILE, re.MULTILINE):
         assert ":" in image and not image.endswith(":latest")
+
+
+def test_the_image_holds_no_training_code_and_no_torch():
+    """Only the base wheel's sources and the models go in; its pip commands name no extra and no torch."""
+    copied = {src for line in re.findall(r"^COPY (.+)$", DOCKERFILE, re.MULTILINE)
+              if not line.startswith("--from") for src in line.split()[:-1]}
+    assert copied == {"pyproject.toml", "README.md", "service", "engines", "models"}
+    pips = re.findall(r"pip (?:install|wheel) [^&\n]*", DOCKERFILE)
+    assert len(pips) == 2 and not any(word in pip for pip in pips for word in ("[", "torch", "train"))
+    ignored = (REPO / "docker" / "Dockerfile.dockerignore").read_text().split()
+    assert "training" in ignored  # not even in the build context
+
+
+def _compose_env() -> dict[str, str]:
+    """The faceset service's environment as compose resolves it with an empty shell: ${VAR:-default} is default."""
+    env = COMPOSE["services"]["faceset"]["environment"]
+    return {key: re.sub(r"\$\{\w+:-([^}]*)\}", r"\1", str(value)) for key, value in env.items()}
 
 
 def test_compose_brings_the_service_and_its_redis():
@@ -67,7 +83,17 @@ def test_compose_brings_the_service_and_its_redis():
         assert "image" in service and not service["image"].endswith(":latest")
 
 
-def test_compose_and_k8s_values_are_valid_settings(monkeypatch):
+def test_compose_values_are_valid_settings(monkeypatch):
+    env = _compose_env()
+    assert "$" not in "".join(env.values())  # every variable has a default
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    settings = Settings()
+    assert settings.environment == "development" and settings.api_keys == []
+    assert urlparse(settings.redis_url.get_secret_value()).hostname == "redis"
+
+
+def test_k8s_configmap_values_are_valid_settings(monkeypatch):
     values = {**_kind("ConfigMap", "faceset")["data"], "FACESET_API_KEYS": '["k"]'}
     for key, value in values.items():
         monkeypatch.setenv(key, value)

@@ -1,6 +1,7 @@
 """The service process never imports torch (ROADMAP): building the whole pipeline loads none of it."""
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -19,3 +20,11 @@ print("ok")
 def test_service_does_not_import_torch():
     done = subprocess.run([sys.executable, "-c", CODE], check=False, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
+
+
+def test_the_torch_engine_cannot_be_served():
+    """FACESET_ENGINE is a closed set of serving runtimes: torch would load torch and the training package."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FACESET_")} | {"FACESET_ENGINE": "torch"}
+    done = subprocess.run([sys.executable, "-m", "service.cli", "serve", "--port", "1"], env=env, check=False,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0 and "FACESET_ENGINE must be one of onnxruntime, tensorrt, not 'torch'" in done.stderr

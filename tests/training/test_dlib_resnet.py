@@ -22,8 +22,10 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from typer.testing import CliRunner
 
-from training.convert.dlib_resnet import DlibFormatError, DlibReader, load_dlib_resnet, main
+from training.cli import app
+from training.convert.dlib_resnet import DlibFormatError, DlibReader, load_dlib_resnet
 from training.models import BACKBONES
 from training.models.dlib_resnet import DLIB_RGB_MEAN, DlibResNet, Level, add_zero_padded
 
@@ -436,7 +438,8 @@ def test_parity_with_dlib_descriptors(dlib_dat, dlib_reference):
 @pytest.mark.data
 def test_cli_checkpoint_loads_into_registered_backbone(dlib_dat, tmp_path):
     out = tmp_path / "dlib_resnet34.pt"
-    main(["--dat", str(dlib_dat), "--out", str(out)])
+    result = CliRunner().invoke(app, ["convert", "dlib", "--dat", str(dlib_dat), "--out", str(out)])
+    assert result.exit_code == 0, result.output
     from training.models.dlib_resnet import dlib_resnet34
 
     model = dlib_resnet34(weights=out).eval()

@@ -12,11 +12,13 @@ import torch
 import yaml
 from onnx import numpy_helper
 from pydantic import ValidationError
+from typer.testing import CliRunner
 
 from engines.base import embed_aligned, preprocess
 from engines.model_card import ModelCard, ModelCardError, sha256_file
 from engines.onnx_runtime import OnnxRuntimeEngine
 from training import export as export_mod
+from training.cli import app
 from training.config import load_config
 from training.convert.dlib_resnet import convert as convert_dlib
 from training.export import (
@@ -26,7 +28,6 @@ from training.export import (
     deep_merge,
     export_onnx,
     load_backbone,
-    main,
     read_faces,
     style_statistics,
 )
@@ -327,21 +328,24 @@ def test_cli(backbone_pt, tmp_path):
         cv2.imwrite(str(faces_dir / f"{i}.png"), rng.integers(0, 256, size=(120, 120, 3), dtype=np.uint8))
     (tmp_path / "over.yaml").write_text(yaml.safe_dump({"accuracy": [{"benchmark": "none", "value": 0.0,
                                                                       "protocol": "not measured"}]}))
-    main([str(backbone_pt), "--out", str(tmp_path / "cli"), "--name", "cli-model", "--version", "2",
-          "--template", "arcface_112", "--parity-dir", str(faces_dir), "--card", str(tmp_path / "over.yaml"),
-          "--licence", "test", "--data-licence", "test data"])
+    result = CliRunner().invoke(app, [
+        "export", str(backbone_pt), "--out", str(tmp_path / "cli"), "--name", "cli-model", "--version", "2",
+        "--template", "arcface_112", "--parity-dir", str(faces_dir), "--card", str(tmp_path / "over.yaml"),
+        "--licence", "test", "--data-licence", "test data"])
+    assert result.exit_code == 0, result.output
     card = ModelCard.load(tmp_path / "cli")
     assert card.name == "cli-model" and card.version == "2" and card.onnx_path.name == "cli-model.onnx"
     assert card.parity.images == 3 and card.parity.inputs == "real aligned faces"
     assert card.accuracy[0].protocol == "not measured"
-    assert card.provenance.command.startswith("python -m training.export ") and "--parity-dir" in card.provenance.command
+    assert card.provenance.command.startswith(f"faceset export {backbone_pt} --out {tmp_path / 'cli'} ")
+    assert f"--parity-dir {faces_dir}" in card.provenance.command and "--no-style" in card.provenance.command
     assert read_faces(faces_dir, 112).shape == (3, 112, 112, 3)
 
 
 @pytest.mark.data
 def test_dlib_checkpoint_export(dlib_dat, data_dir, tmp_path):
     checkpoint = tmp_path / "dlib_resnet34.pt"
-    convert_dlib(dlib_dat, checkpoint)  # as `python -m training.convert.dlib_resnet` writes it
+    convert_dlib(dlib_dat, checkpoint)  # as `faceset convert dlib` writes it
     faces = lfw_crops(data_dir, 6, 150)  # LFW dev images are 150×150: whole images, dlib's chip size
     card = export_onnx(checkpoint, tmp_path / "dlib", "dlib-resnet34", "1", {}, faces)
     assert card.architecture == "dlib_resnet34" and card.embedding_size == 128

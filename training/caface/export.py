@@ -1,6 +1,6 @@
 """Export a trained CAFace fusion network as the two ONNX graphs and the fusion card `engines.fusion` loads.
 
-    python -m training.caface.export runs/celeba-caface/caface.pt --out models/caface \\
+    faceset caface export runs/celeba-caface/caface.pt --out models/caface \\
         [--name faceset-caface --version 1] [--parity-features runs/caface/features/celeba-holdout.npz]
 
 assign.onnx     raw_embedding (N, D), style (N, S) -> assignment (N, M), unit_embedding (N, D), stored_style (N, K)
@@ -15,10 +15,7 @@ The tracing, the staging and ParityError are training.export's, as for the backb
 """
 from __future__ import annotations
 
-import argparse
-import shlex
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import onnx
@@ -143,7 +140,7 @@ def card_data(ck: dict, recognition: ModelCard, name: str, version: str, command
                      f"CelebA-299 identity kept out for evaluation; each image clean and as 4 poor frames (blur, "
                      f"low resolution, occlusion, noise); the calibration hold-out never used"),
             "licence": "CelebA: non-commercial research only",
-            "recipe": f"training/recipes/caface.sh (python -m training.caface.train {cfg['name']})",
+            "recipe": f"training/recipes/caface.sh (faceset caface train {cfg['name']})",
             "notes": (f"{ck['step']} steps of {cfg['batch_sets']} sets of {cfg['sets']['min_size']}-"
                       f"{cfg['sets']['max_size']} frames; loss mean(1 - cos(f, W_y)) + (1 - cos(f_seq, f)), W_y fixed "
                       f"class centres from clean crops; the frame quality r_i learns its target by squared error (detached); "
@@ -185,26 +182,3 @@ def export_fusion(checkpoint: str | Path, out_dir: str | Path, recognition_card:
         getattr(card.files, key).path = f"{key}.onnx"
     card.save(out_dir)
     return card
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("checkpoint", type=Path, help="runs/NAME/caface.pt")
-    ap.add_argument("--out", type=Path, default=Path("models/caface"))
-    ap.add_argument("--recognition-card", type=Path, default=Path("models/default"))
-    ap.add_argument("--name", default="faceset-caface")
-    ap.add_argument("--version", default="1")
-    ap.add_argument("--parity-features", type=Path, help="a features .npz (real frames for the parity check)")
-    args = ap.parse_args(argv)
-    torch.set_num_threads(1)
-    command = "python -m training.caface.export " + shlex.join(
-        [str(args.checkpoint), "--out", str(args.out), "--recognition-card", str(args.recognition_card), "--name",
-         args.name, "--version", args.version] + (["--parity-features", str(args.parity_features)]
-                                                  if args.parity_features else []))
-    card = export_fusion(args.checkpoint, args.out, args.recognition_card, args.name, args.version,
-                         args.parity_features, command)
-    print(f"wrote {args.out}: parity {card.parity}")
-
-
-if __name__ == "__main__":
-    main()

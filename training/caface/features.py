@@ -1,6 +1,6 @@
 """Precompute the fusion network's inputs: per aligned image and degradation, raw embedding and style statistics.
 
-    python -m training.caface.features runs/aligned/celeba-dlib150 runs/caface/features/celeba-train.npz \\
+    faceset caface features runs/aligned/celeba-dlib150 runs/caface/features/celeba-train.npz \\
         [--card models/default] [--chunk 256]
 
 For every image of a folder-per-identity tree (symlinks followed) and every variant in VARIANTS
@@ -21,7 +21,6 @@ when present; the parts are merged into OUT at the end. Numpy + ONNX Runtime onl
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import io
 import logging
@@ -124,19 +123,3 @@ def precompute(root: Path, out: Path, card_path: Path, chunk: int = 256, threads
         **{key: np.concatenate([p[key] for p in loaded]) for key in ("embedding", "style", "strength")},
     })
     return out
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("root", type=Path, help="aligned folder-per-identity tree (the card's template and size)")
-    ap.add_argument("out", type=Path, help=".npz to write")
-    ap.add_argument("--card", type=Path, default=Path("models/default"))
-    ap.add_argument("--chunk", type=int, default=256)
-    ap.add_argument("--threads", type=int, default=1)
-    args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    print(f"wrote {precompute(args.root, args.out, args.card, args.chunk, args.threads)}")
-
-
-if __name__ == "__main__":
-    main()

@@ -1,6 +1,6 @@
 """Train the CAFace fusion network on precomputed features (the recognition model stays frozen).
 
-    python -m training.caface.train celeba-caface [--set steps=200 …]
+    faceset caface train celeba-caface [--set steps=200 …]
 
 Reads the features of training.caface.features, keeps every `features.eval_every`-th multi-image
 CelebA-299 identity out (written to runs/NAME/eval_identities.txt for training.caface.evaluate;
@@ -18,17 +18,15 @@ training.caface.export reads.
 """
 from __future__ import annotations
 
-import argparse
 import logging
 import time
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
 
 from engines.model_card import ModelCard
-from training.caface.config import CAFaceConfig, load_caface_config
+from training.caface.config import CAFaceConfig
 from training.caface.loss import caface_loss, centre_loss, class_centres, frame_quality_targets
 from training.caface.model import CAFace
 from training.caface.sets import Features, SetSampler, split_identities
@@ -162,15 +160,3 @@ def train(cfg: CAFaceConfig, run_dir: Path | None = None) -> Path:
                        "features_model": train_set.model, "step": step,
                        "training_identities": len(train_set.identities)}, out)
     return out
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("config", help="a shipped config name (training/configs/caface/) or a YAML path")
-    ap.add_argument("--set", dest="overrides", action="append", default=[], help="a.b=value")
-    args = ap.parse_args(argv)
-    print(f"wrote {train(load_caface_config(args.config, args.overrides))}")
-
-
-if __name__ == "__main__":
-    main()

@@ -1,6 +1,6 @@
 """Read dlib's ``dlib_face_recognition_resnet_model_v1.dat`` into `DlibResNet`, in pure Python.
 
-    python -m training.convert.dlib_resnet --dat dlib_face_recognition_resnet_model_v1.dat --out runs/dlib_resnet34.pt
+    faceset convert dlib --dat dlib_face_recognition_resnet_model_v1.dat --out runs/dlib_resnet34.pt
 
 The .dat comes from the ``face_recognition_models==0.3.0`` sdist on PyPI (Davis King's model,
 public domain / CC0 1.0 per the package's LICENSE and README; its trove classifier says MIT).
@@ -28,7 +28,6 @@ picks its reader from `DETAIL_READERS`.
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import math
 from dataclasses import dataclass, field
@@ -477,16 +476,3 @@ def convert(dat_path: str | Path, out_path: str | Path) -> dict:
     }
     atomic_torch_save({"state_dict": model.state_dict(), **meta}, Path(out_path))
     return meta
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dat", required=True, help="dlib_face_recognition_resnet_model_v1.dat")
-    parser.add_argument("--out", required=True, help="torch checkpoint to write (atomically)")
-    args = parser.parse_args(argv)
-    meta = convert(args.dat, args.out)
-    print(f"wrote {args.out}: {meta['arch']}, input mean {meta['dlib_input_mean_rgb']}, sha256 {meta['source']['sha256']}")
-
-
-if __name__ == "__main__":
-    main()

@@ -9,7 +9,7 @@ and from there to torch state dicts by facenet-pytorch (MIT), which ships them i
 torch and is never installed), rebuild the networks here and export them.
 
     pip download facenet-pytorch==2.6.0 --no-deps -d /tmp/fnp
-    python -m training.convert.mtcnn --wheel /tmp/fnp/facenet_pytorch-2.6.0-py3-none-any.whl --out models/detector
+    faceset convert mtcnn --wheel /tmp/fnp/facenet_pytorch-2.6.0-py3-none-any.whl --out models/detector
 
 ONNX interfaces (input "image": RGB, NCHW, float32, scaled (x − 127.5)·0.0078125):
   pnet  (N, 3, H, W)   -> regression (N, 4, h, w), face_prob (N, h, w), h = ceil((H − 2)/2) − 4
@@ -21,7 +21,6 @@ landmarks: (x, y) as fractions of the window; left eye, right eye, nose, left an
 """
 from __future__ import annotations
 
-import argparse
 import io
 import os
 import tempfile
@@ -278,7 +277,7 @@ def build_card(files: dict[str, Path], parity: dict[str, dict[str, float]], whee
             "paper": "K. Zhang, Z. Zhang, Z. Li, Y. Qiao, Joint Face Detection and Alignment Using Multitask "
             "Cascaded Convolutional Networks, IEEE Signal Processing Letters 23(10):1499-1503, 2016",
             "conversion": f"pip download facenet-pytorch==2.6.0 --no-deps -d /tmp/fnp && "
-            f"python -m training.convert.mtcnn --wheel /tmp/fnp/{WHEEL_NAME} --out models/detector",
+            f"faceset convert mtcnn --wheel /tmp/fnp/{WHEEL_NAME} --out models/detector",
             "exporter": f"torch {torch.__version__} (TorchScript exporter), opset {OPSET}, onnx {onnx.__version__}",
         },
         "parity": {
@@ -337,20 +336,3 @@ def default_parity_images(count: int = 8) -> list[Path]:
 
     folder = get_settings().data_dir / "lfw-dev" / "images"
     return sorted(folder.glob("*.jpg"))[:count] if folder.is_dir() else []
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--wheel", type=Path, required=True, help=f"path to {WHEEL_NAME}")
-    parser.add_argument("--out", type=Path, default=Path("models/detector"), help="output folder")
-    parser.add_argument("--parity-images", type=Path, nargs="*", default=None,
-                        help="photos for the real-input parity check (default: a few LFW images from FACESET_DATA_DIR)")
-    args = parser.parse_args(argv)
-    torch.set_num_threads(1)
-    images = default_parity_images() if args.parity_images is None else args.parity_images
-    card = convert(args.wheel, args.out, images)
-    print(yaml.safe_dump(card["parity"], sort_keys=False))
-
-
-if __name__ == "__main__":
-    main()

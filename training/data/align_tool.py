@@ -1,6 +1,6 @@
 """Raw photos -> aligned face crops: detect, pick one face, align it to a named template, save.
 
-    python -m training.data.align_tool SRC DST --template arcface_112 [--workers N]
+    faceset data align SRC DST --template arcface_112 [--workers N]
 
 SRC is a folder-per-identity tree (SRC/<identity>/<image>) or a flat folder of images; every
 image found below SRC (sorted, hidden files skipped) gives DST/<same relative path> as a JPEG
@@ -24,7 +24,6 @@ person, where a bystander can be about as big).
 """
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import math
@@ -41,7 +40,7 @@ from engines.align import align
 from engines.atomic import atomic_write_bytes
 from engines.detection import Detection, FaceDetector, build_detector
 from engines.registry import Registry
-from engines.reference_landmarks import get_reference, reference_names
+from engines.reference_landmarks import get_reference
 from training.data.folder import IMAGE_EXTENSIONS
 
 log = logging.getLogger(__name__)
@@ -335,32 +334,3 @@ def measure_landmarks(images: Iterable[np.ndarray], detector: FaceDetector, pick
             found.append(np.asarray(picker(faces, image.shape).landmarks, dtype=np.float64))
             index.append(i)
     return np.array(found).reshape(-1, 5, 2), np.array(index, dtype=np.int64)
-
-
-# --- command line ---------------------------------------------------------------------------
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("src", type=Path, help="folder-per-identity tree or flat folder of photos")
-    parser.add_argument("dst", type=Path, help="where the aligned JPEGs, _report.jsonl and _align.json go")
-    parser.add_argument("--template", default="arcface_112", choices=reference_names())
-    parser.add_argument("--size", type=int, default=None, help="crop side (default: the template's)")
-    parser.add_argument("--min-face-size", type=float, default=20, help="smallest face searched, pixels")
-    parser.add_argument("--pick", default="largest", choices=FACE_PICKERS.names())
-    parser.add_argument("--workers", type=int, default=1, help="processes, each with its own detector")
-    parser.add_argument("--threads", type=int, default=1, help="ONNX Runtime and OpenCV threads per process")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    cv2.setNumThreads(args.threads)
-    report = align_folder(args.src, args.dst, args.template, args.size, None, args.min_face_size, args.workers,
-                          args.pick, args.threads, progress=lambda n, total: log.info("%d / %d", n, total))
-    summary = {"images": report.images, "skipped": report.skipped, "aligned": report.aligned,
-               "no_face": report.no_face, "unreadable": report.unreadable, "seconds": round(report.seconds, 1),
-               "detection_rate": round(report.detection_rate, 4) if report.processed else None,
-               "all_runs": summarise_report(report.report_path)}
-    print(json.dumps(summary))
-
-
-if __name__ == "__main__":
-    main()

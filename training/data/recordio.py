@@ -18,7 +18,6 @@ has flag 0 has no header: every key is an image.
 """
 from __future__ import annotations
 
-import argparse
 import io
 import os
 import struct
@@ -32,7 +31,7 @@ import torch
 from torch.utils.data import Dataset
 
 from training.data import DATASETS
-from training.data.folder import FolderFaceDataset
+from training.data.folder import FolderFaceDataset, select_identities
 from training.data.transforms import Preprocess, check_box, crop_resize, load_rgb
 
 MAGIC = 0xCED7230A
@@ -325,7 +324,7 @@ class RecordFaceDataset(Dataset):
         self.image_keys, self.identity_range = self._read_layout()
         self._stored: list[int] | None = None  # stored label of every image, read on demand
         exclude = set(exclude)
-        if min_images_per_class > 1 or max_classes is not None or exclude:
+        if min_images_per_class > 1 or max_classes is not None or exclude:  # else no header scan
             self._select(min_images_per_class, max_classes, exclude)
         else:
             self._label_map = None  # stored labels are used as they are
@@ -354,8 +353,9 @@ class RecordFaceDataset(Dataset):
     def _select(self, min_images_per_class: int, max_classes: int | None, exclude: set[str]) -> None:
         stored = np.asarray(self._stored_labels(), dtype=np.int64)
         counts = np.bincount(stored, minlength=self._stored_num_classes())
-        kept = [c for c, n in enumerate(counts) if n >= min_images_per_class and str(c) not in exclude]
-        kept = kept if max_classes is None else kept[:max_classes]
+        names = select_identities({str(c): int(n) for c, n in enumerate(counts)}, min_images_per_class, max_classes,
+                                  exclude)
+        kept = [int(name) for name in names]
         if not kept:
             raise ValueError(f"no identity in {self.reader.rec_path} passes the filters")
         self._label_map = np.full(len(counts), -1, dtype=np.int64)  # stored label -> ours, −1 dropped
@@ -436,24 +436,3 @@ def folder_to_recordio(
         for c, span in enumerate(spans):
             writer.write(first_identity + c, pack(IRHeader(0, list(span), first_identity + c, 0)))
     return rec_path, idx_path
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    """python -m training.data SRC DST_PREFIX [--size 112] [--crop L T R B] ..."""
-    p = argparse.ArgumentParser(
-        prog="python -m training.data", description="Convert a folder-per-identity dataset to insightface RecordIO."
-    )
-    p.add_argument("src", help="folder with one sub-folder of images per identity")
-    p.add_argument("dst", help="output prefix: writes DST.rec and DST.idx")
-    p.add_argument("--size", type=int, default=None, help="resize to SIZE×SIZE (default: keep, JPEGs copied as-is)")
-    p.add_argument("--crop", type=float, nargs=4, default=None, metavar=("L", "T", "R", "B"), help="relative crop box")
-    p.add_argument("--quality", type=int, default=95, help="JPEG quality of re-encoded images")
-    p.add_argument("--min-images-per-class", type=int, default=1)
-    p.add_argument("--max-classes", type=int, default=None)
-    p.add_argument("--exclude", nargs="*", default=(), help="identity folder names to leave out")
-    a = p.parse_args(argv)
-    rec, idx = folder_to_recordio(
-        a.src, a.dst, a.size, a.crop, a.quality,
-        min_images_per_class=a.min_images_per_class, max_classes=a.max_classes, exclude=a.exclude,
-    )
-    print(f"wrote {rec} and {idx}")

@@ -7,7 +7,6 @@ the hold-out tree (calibration, never trained on), the rest to the training tree
 """
 from __future__ import annotations
 
-import argparse
 import os
 from pathlib import Path
 
@@ -38,19 +37,3 @@ def split(sources: list[Path], train_dst: Path, holdout_dst: Path, holdout_every
             if not link.exists():
                 os.symlink(p.resolve(), link)
     return len(ids) - len(holdout), len(holdout)
-
-
-def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m training.data.split", description=__doc__)
-    ap.add_argument("sources", nargs="+", type=Path)
-    ap.add_argument("--train", required=True, type=Path)
-    ap.add_argument("--holdout", required=True, type=Path)
-    ap.add_argument("--every", type=int, default=3)
-    ap.add_argument("--keep-in-train", nargs="*", type=Path, default=[])
-    args = ap.parse_args(argv)
-    n_train, n_hold = split(args.sources, args.train, args.holdout, args.every, keep_in_train=args.keep_in_train)
-    print(f"{n_train} training identities in {args.train}, {n_hold} hold-out identities in {args.holdout}")
-
-
-if __name__ == "__main__":
-    main()

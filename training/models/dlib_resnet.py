@@ -195,7 +195,7 @@ def _make_level(in_c: int, level: Level) -> nn.Sequential:
 
 
 def load_converted(model: DlibResNet, path: str | Path) -> DlibResNet:
-    """Load a checkpoint written by ``python -m training.convert.dlib_resnet`` (strict)."""
+    """Load a checkpoint written by ``faceset convert dlib`` (strict)."""
     checkpoint = torch.load(Path(path), map_location="cpu", weights_only=True)
     model.load_state_dict(checkpoint["state_dict"], strict=True)
     return model

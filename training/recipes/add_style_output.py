@@ -1,6 +1,6 @@
 """Give the shipped default model its CAFace style output, without retraining it.
 
-    python -m training.recipes.add_style_output [--model models/default] [--dlib runs/dlib_resnet34.pt] \\
+    faceset add-style-output [--model models/default] [--dlib runs/dlib_resnet34.pt] \\
         [--faces runs/aligned/lfw-dev-dlib150] [--backbone-out runs/celeba-dlib-magface/backbone.pt] [--version 1.1]
 
 The fine-tuned torch checkpoint of models/default is gone, but it is recoverable: the model is
@@ -25,11 +25,8 @@ with output_scale 20 reproduces the function exactly. Steps:
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import shlex
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import onnx
@@ -122,33 +119,20 @@ def carried_card(old: ModelCard, figures: dict, sha_old: str) -> dict:
     return overrides
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", type=Path, default=Path("models/default"))
-    ap.add_argument("--dlib", type=Path, default=Path("runs/dlib_resnet34.pt"))
-    ap.add_argument("--faces", type=Path, default=Path("runs/aligned/lfw-dev-dlib150"))
-    ap.add_argument("--backbone-out", type=Path, default=Path("runs/celeba-dlib-magface/backbone.pt"))
-    ap.add_argument("--version", default="1.1")
-    ap.add_argument("--limit", type=int, default=64, help="aligned faces used for the proof and parity")
-    args = ap.parse_args(argv)
-    torch.set_num_threads(1)
-    old = ModelCard.load(args.model)
+def add_style_output(model_dir: Path, dlib: Path, faces_dir: Path, backbone_out: Path, version: str, limit: int = 64,
+                     command: str | None = None) -> ModelCard:
+    """Steps 1-4 of the module docstring; model_dir's ONNX and card are replaced, returns the new card."""
+    old = ModelCard.load(model_dir)
     weight, scale = embedding_layer(old.onnx_path, old.outputs.embedding)
-    model = rebuild_backbone(args.dlib, weight, scale)
-    faces = read_faces(args.faces, old.input.size, limit=args.limit)
+    model = rebuild_backbone(dlib, weight, scale)
+    faces = read_faces(faces_dir, old.input.size, limit=limit)
     figures = prove_identical(model, old, faces)
     print(f"rebuilt vs shipped ONNX: {figures}")
     old_embeddings = embed_aligned(OnnxRuntimeEngine(old, intra_op_threads=1), old, faces)  # with the card's TTA
-    save_backbone(model, scale, args.backbone_out)
-    command = "python -m training.recipes.add_style_output " + shlex.join(
-        ["--model", str(args.model), "--dlib", str(args.dlib), "--faces", str(args.faces),
-         "--backbone-out", str(args.backbone_out), "--version", args.version, "--limit", str(args.limit)])
-    card = export_onnx(load_backbone(args.backbone_out), args.model, old.name, args.version,
+    save_backbone(model, scale, backbone_out)
+    card = export_onnx(load_backbone(backbone_out), model_dir, old.name, version,
                        carried_card(old, figures, old.files.onnx.sha256), faces, style_outputs=True, command=command)
     new_embeddings = embed_aligned(OnnxRuntimeEngine(card, intra_op_threads=1), card, faces)
     print(f"new vs old ONNX (flip TTA): min cosine {_rowwise_cosine(old_embeddings, new_embeddings).min():.10f}; "
           f"style channels {card.outputs.style_channels}; parity {card.parity}")
-
-
-if __name__ == "__main__":
-    main()
+    return card

@@ -4,7 +4,7 @@
 #   degradation the raw embedding and style statistics with the default model on ONNX Runtime, train the
 #   fusion network (backbone frozen), export its two ONNX graphs with a parity check, and evaluate
 #   template-to-template verification on identities never trained on (benchmarks/RESULTS.md).
-# Usage: training/recipes/caface.sh [OUT]   (repository root, venv with the train extra active)
+# Usage: training/recipes/caface.sh [OUT]   (repository root, venv with faceset-train installed)
 # Resumable: alignment, features (by chunk) and training (checkpoint.pt) skip work already done.
 # ~25 min of features and ~6 min of training on 2 CPU cores.
 set -euo pipefail
@@ -18,36 +18,37 @@ FEATURES="$RUNS/caface/features"
 # 0. the default model must have the style output (version 1.1+); a version-1 card gets it without retraining
 if ! grep -q "^  style: style" "$CARD/card.yaml"; then
   [ -f "$RUNS/dlib_resnet34.pt" ] || { echo "run step 1 of training/recipes/default_model.sh first"; exit 1; }
-  python -m training.recipes.add_style_output --model "$CARD"
+  faceset add-style-output --model "$CARD"
 fi
 
 # 1. the default model's aligned CelebA and its identity-disjoint split (steps 2-3 of default_model.sh)
-python -m training.data.align_tool "$DATA/celeba-299" "$ALIGNED/celeba-299-dlib150" --template dlib_150
-python -m training.data.align_tool "$DATA/celeba-10k-aligned" "$ALIGNED/celeba-10k-dlib150" --template dlib_150
-python -m training.data.split "$ALIGNED/celeba-299-dlib150" "$ALIGNED/celeba-10k-dlib150" \
+faceset data align "$DATA/celeba-299" "$ALIGNED/celeba-299-dlib150" --template dlib_150
+faceset data align "$DATA/celeba-10k-aligned" "$ALIGNED/celeba-10k-dlib150" --template dlib_150
+faceset data split "$ALIGNED/celeba-299-dlib150" "$ALIGNED/celeba-10k-dlib150" \
   --train "$ALIGNED/celeba-dlib150" --holdout "$ALIGNED/celeba-calib-dlib150" --keep-in-train "$ALIGNED/celeba-299-dlib150"
 
 # 2. features: each image clean and as 4 poor frames, flip TTA as the card says
-python -m training.caface.features "$ALIGNED/celeba-dlib150" "$FEATURES/celeba-train.npz" --card "$CARD"
-python -m training.caface.features "$ALIGNED/celeba-calib-dlib150" "$FEATURES/celeba-holdout.npz" --card "$CARD"
+faceset caface features "$ALIGNED/celeba-dlib150" "$FEATURES/celeba-train.npz" --card "$CARD"
+faceset caface features "$ALIGNED/celeba-calib-dlib150" "$FEATURES/celeba-holdout.npz" --card "$CARD"
 
 # 3. train (training/configs/caface/celeba-caface.yaml), export with parity
-python -m training.caface.train celeba-caface
-python -m training.caface.export "$RUNS/celeba-caface/caface.pt" --out "$OUT" --recognition-card "$CARD" \
+faceset caface train celeba-caface
+faceset caface export "$RUNS/celeba-caface/caface.pt" --out "$OUT" --recognition-card "$CARD" \
   --parity-features "$FEATURES/celeba-holdout.npz"
 
 # 4. evidence: the calibration hold-out (never trained on by either network) and the CelebA-299 identities kept
 #    out of fusion training (larger templates; the recognition model's embedding layer was tuned on them)
-python -m training.caface.evaluate "$OUT" \
+faceset caface evaluate "$OUT" \
   --features "$FEATURES/celeba-holdout.npz" \
-  --subset "$FEATURES/celeba-train.npz" "$RUNS/celeba-caface/eval_identities.txt" \
-  --conditions clean mixed one_good mixed_blur mixed_lowres mixed_occlude mixed_noise \
+  --subset "$FEATURES/celeba-train.npz:$RUNS/celeba-caface/eval_identities.txt" \
+  --condition clean --condition mixed --condition one_good --condition mixed_blur \
+  --condition mixed_lowres --condition mixed_occlude --condition mixed_noise \
   --json "$RUNS/celeba-caface/evaluation.json"
 
 # 5. (optional, ~6 min) generalisation to a degradation never trained on: train without occluded frames,
 #    evaluate on sets whose poor frames are occluded (benchmarks/RESULTS.md, "CAFace template fusion")
-# python -m training.caface.train celeba-caface --set name=celeba-caface-no-occlude --set "sets.exclude_variants=[occlude]"
-# python -m training.caface.export "$RUNS/celeba-caface-no-occlude/caface.pt" --out "$RUNS/celeba-caface-no-occlude/model" \
+# faceset caface train celeba-caface --set name=celeba-caface-no-occlude --set "sets.exclude_variants=[occlude]"
+# faceset caface export "$RUNS/celeba-caface-no-occlude/caface.pt" --out "$RUNS/celeba-caface-no-occlude/model" \
 #   --recognition-card "$CARD" --parity-features "$FEATURES/celeba-holdout.npz"
-# python -m training.caface.evaluate "$RUNS/celeba-caface-no-occlude/model" --features "$FEATURES/celeba-holdout.npz" \
-#   --conditions mixed mixed_occlude
+# faceset caface evaluate "$RUNS/celeba-caface-no-occlude/model" --features "$FEATURES/celeba-holdout.npz" \
+#   --condition mixed --condition mixed_occlude

@@ -7,14 +7,15 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+from typer.testing import CliRunner
 
 from engines.align import alignment_matrix, transform_points
 from engines.detection import Detection, build_detector
 from engines.reference_landmarks import get_reference
+from training.cli import app
 from training.data.align_tool import (
     REPORT_NAME,
     align_folder,
-    main,
     measure_landmarks,
     pick_central,
     pick_largest,
@@ -176,11 +177,12 @@ def test_workers_need_a_detector_name(blob_tree):
         align_folder(tmp / "src", tmp / "dst", detector=detector, workers=2)
 
 
-def test_blank_image_has_no_face_with_the_real_detector(tmp_path, capsys):
+def test_blank_image_has_no_face_with_the_real_detector(tmp_path):
     """The shipped MTCNN on a blank photo, through the command line; the report and summary say no face."""
     write_png(tmp_path / "src" / "blank.png", np.full((120, 100, 3), 128, np.uint8))
-    main([str(tmp_path / "src"), str(tmp_path / "dst")])
-    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    result = CliRunner().invoke(app, ["data", "align", str(tmp_path / "src"), str(tmp_path / "dst")])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.output.strip().splitlines()[-1])
     assert (summary["images"], summary["aligned"], summary["no_face"]) == (1, 0, 1)
     assert read_report(tmp_path / "dst" / REPORT_NAME)["blank.png"]["status"] == "no_face"
     assert json.loads((tmp_path / "dst" / "_align.json").read_text())["template"] == "arcface_112"
