@@ -16,12 +16,12 @@ from starlette.concurrency import run_in_threadpool
 from engines.base import EMBEDDING, STYLE, merge_tta, preprocess, with_tta
 from engines.batcher import DynamicBatcher
 from engines.detection import Detection
-from engines.model_card import ModelCardError, resolve_far
+from engines.model_card import ModelCardError, resolve_far, threshold_at
 from engines.pipeline import Face, FacePipeline
 from service.errors import InvalidInput, NoFace
 from service.images import decode
-from service.inputs import Side
 from service.metrics import Metrics
+from service.schemas import VerifySide
 
 
 @dataclass(frozen=True)
@@ -101,26 +101,27 @@ class FaceService:
         return out[EMBEDDING], out.get(STYLE)
 
     # ---- /verify -----------------------------------------------------------------------
-    async def verify(self, a: Side, b: Side, far: float) -> Verdict:
+    def threshold(self, far: float) -> tuple[float, float]:
+        """(the calibrated FAR used, its cosine threshold) for a requested FAR; a 422 where the card has none."""
         try:
             used = resolve_far(self.card, far)
+            return used, threshold_at(self.card, used)
         except ModelCardError as exc:
             raise InvalidInput(str(exc)) from None
-        side_a, side_b = await asyncio.gather(self._side(a), self._side(b))
+
+    async def verify(self, a: VerifySide, b: VerifySide, far: float) -> Verdict:
+        used, threshold = self.threshold(far)
+        side_a, side_b = await asyncio.gather(self._side("a", a), self._side("b", b))
         similarity = float(np.dot(side_a.embedding, side_b.embedding))
-        threshold = float(self.card.calibration.thresholds[used])
         return Verdict(similarity, similarity >= threshold, threshold, used, side_a, side_b)
 
-    async def _side(self, side: Side) -> SideResult:
+    async def _side(self, label: str, side: VerifySide) -> SideResult:
         if side.embedding is not None:
-            if len(side.embedding) != self.card.embedding_size:
-                raise InvalidInput(f"{side.label}: embedding has {len(side.embedding)} values; "
-                                   f"model {self.card.name} gives {self.card.embedding_size}")
-            return SideResult(side.embedding / np.linalg.norm(side.embedding), None, None)
+            return SideResult(side.embedding.unit, None, None)
         options = EmbedOptions(max_faces=0, min_face_size=0.0)
-        detections, crops = await run_in_threadpool(self.detect_align, side.image, f"image {side.label}", options)
+        detections, crops = await run_in_threadpool(self.detect_align, side.data, f"image {label}", options)
         if not detections:
-            raise NoFace(f"image {side.label}: no face found")
+            raise NoFace(f"image {label}: no face found")
         raw = await self.embed_crops(crops[:1])  # the largest face
         face = self.pipeline.faces([detections[:1]], raw)[0][0]
         self.metrics.observe_faces([face.quality])

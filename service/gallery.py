@@ -13,10 +13,10 @@ from dataclasses import dataclass, field
 import faiss
 import numpy as np
 
-from engines.model_card import ModelCardError, resolve_far
 from service.errors import InvalidInput, NoFace, NotFound
 from service.faces import EmbedOptions, FaceService
 from service.gallery_store import GalleryStore
+from service.schemas import Embedding
 from service.templates import TemplateService
 
 
@@ -113,7 +113,7 @@ class GalleryService:
 
     # ---- operations ------------------------------------------------------------------------
     async def enrol(self, gallery: str, identity: str, images: list[bytes] | None = None,
-                    embedding: np.ndarray | None = None, template_id: str | None = None) -> int:
+                    embedding: Embedding | None = None, template_id: str | None = None) -> int:
         """Store the identity's embedding (replacing any earlier one); returns the gallery's size."""
         if images:
             vector = await self._from_images(images)
@@ -122,16 +122,13 @@ class GalleryService:
                 raise InvalidInput("template_id needs the template service, which is off")
             vector = (await self.templates.get(template_id)).embedding
         else:
-            vector = self._unit(embedding, "embedding")
+            vector = embedding.unit.astype(np.float32)
         await self.store.put(gallery, identity, vector)
         return (await self.synced(gallery)).index.ntotal
 
     async def search(self, gallery: str, queries: list[np.ndarray | None], top_k: int, far: float) -> list[SearchResult]:
         """One result per query (a unit embedding, or None for an image without a face)."""
-        try:
-            threshold = float(self.card.calibration.thresholds[resolve_far(self.card, far)])
-        except ModelCardError as exc:
-            raise InvalidInput(str(exc)) from None
+        threshold = self.faces.threshold(far)[1]
         idx = await self.synced(gallery)
         rows = [q for q in queries if q is not None]
         found = iter(idx.search(np.stack(rows), top_k) if rows else [])
@@ -157,9 +154,6 @@ class GalleryService:
         faces = await self.faces.embed_images(images, EmbedOptions(max_faces=1, min_face_size=0.0))
         return [fs[0].face.embedding if fs else None for fs in faces]
 
-    def query_embedding(self, embedding) -> np.ndarray:
-        return self._unit(embedding, "embedding")
-
     # ---- helpers ---------------------------------------------------------------------------
     async def _from_images(self, images: list[bytes]) -> np.ndarray:
         """The identity's embedding from its photos: the largest face of each, fused (CAFace where it runs, else the mean)."""
@@ -173,9 +167,3 @@ class GalleryService:
             return self.templates.fusion.fuse(raw, np.stack([f.style for f in found])).embedding
         mean = np.mean([f.face.embedding for f in found], axis=0)
         return mean / np.linalg.norm(mean)
-
-    def _unit(self, embedding, label: str) -> np.ndarray:
-        v = np.asarray(embedding, dtype=np.float64)
-        if v.shape != (self.card.embedding_size,) or not np.isfinite(v).all() or not np.any(v):
-            raise InvalidInput(f"{label}: expected {self.card.embedding_size} finite numbers, not all zero")
-        return (v / np.linalg.norm(v)).astype(np.float32)

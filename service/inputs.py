@@ -1,41 +1,25 @@
-"""Request bodies -> image bytes and embeddings: multipart files or JSON base64, as the contract says.
+"""Requests -> their one validated model (`service.schemas`), whatever the encoding.
 
-Both forms are read here so routes stay thin; every malformed body becomes one of the error
-table's exceptions (415 for another content type, 422 for a bad field, 413 for too many images).
+A JSON body, a multipart form (files as bytes) and the query parameters the contract has are read
+into the same fields and validated once, by the route's model, which holds every bound. Anything
+malformed becomes one of the error table's exceptions: 415 for another content type, 413 for too
+many images, 422 `invalid_input` naming the field.
 """
-from __future__ import annotations
-
-import base64
-import binascii
-import json
-from dataclasses import dataclass
+# no `from __future__ import annotations`: FastAPI reads RequestBody.__call__'s annotations at run time
+from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 from pydantic import BaseModel, ValidationError
-from starlette.datastructures import UploadFile
+from pydantic_core import from_json
+from starlette.datastructures import FormData, UploadFile
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 
 from service.errors import InvalidInput, PayloadTooLarge, UnsupportedMediaType
-from service.schemas import (
-    EmbedRequest,
-    FramesRequest,
-    GalleryEnrolRequest,
-    GallerySearchRequest,
-    VerifyRequest,
-    VerifySide,
-)
+from service.schemas import FramesRequest
 
 MULTIPART, JSON, FORM = "multipart/form-data", "application/json", "application/x-www-form-urlencoded"
-
-
-@dataclass(frozen=True)
-class Side:
-    """One side of /verify: image bytes or a client's embedding."""
-
-    label: str
-    image: bytes | None = None
-    embedding: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -49,6 +33,45 @@ class Frame:
     style: np.ndarray | None = None
 
 
+@dataclass(frozen=True, eq=False)  # eq=False: hashed by identity, as FastAPI's dependency cache needs
+class RequestBody:
+    """A route's request model as a dependency: `Annotated[Model, Depends(RequestBody(Model, ...))]`.
+
+    `files` names the multipart file fields (name -> several files?), `text` the multipart text
+    fields worth documenting, `query` the model's fields that may come as query parameters instead.
+    """
+
+    model: type[BaseModel]
+    files: dict[str, bool]
+    text: dict[str, str] = field(default_factory=dict)
+    query: tuple[str, ...] = ()
+    counted: str | None = "images"  # the field whose items count against max_images (413)
+    max_files: int | None = None  # None: the settings' max_images
+    encodings: tuple[str, ...] = (MULTIPART, JSON)
+    from_form: Callable[[dict], dict] | None = None  # a form's fields -> the model's, where they differ
+
+    async def __call__(self, request: Request) -> BaseModel:
+        state = request.app.state
+        max_images = state.settings.max_images
+        if content_type(request, self.encodings) == JSON:
+            fields = _json(await request.body())
+        else:
+            max_files = self.max_files or max_images
+            form = await _form(request, max_files=max_files, max_fields=max_files + 16)
+            fields = await _form_fields(form, self.files)
+            fields = self.from_form(fields) if self.from_form else fields
+        if isinstance(fields, dict):
+            _add_query(fields, request, self.query)
+        templates = state.templates
+        context = {"embedding_size": state.faces.card.embedding_size,
+                   "style_size": templates.fusion.card.style_size if templates else None}
+        body = validate(self.model, fields, context)
+        n = len(getattr(body, self.counted) or []) if self.counted else 0
+        if n > max_images:
+            raise PayloadTooLarge(f"{n} images in one request; the limit is {max_images}")
+        return body
+
+
 def content_type(request: Request, allowed: tuple[str, ...] = (MULTIPART, JSON)) -> str:
     kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if kind not in allowed:
@@ -56,35 +79,58 @@ def content_type(request: Request, allowed: tuple[str, ...] = (MULTIPART, JSON))
     return kind
 
 
-async def read_images(request: Request, max_images: int) -> list[bytes]:
-    """The request's images (multipart field `images`, or JSON {"images": [{"data": base64}]})."""
-    if content_type(request) == MULTIPART:
-        return await _form_images(await _form(request, max_files=max_images, max_fields=16), max_images)
-    return _b64_images(_parse(await request.body(), EmbedRequest).images, max_images)
+def validate(model: type[BaseModel], fields, context: dict) -> BaseModel:
+    """The model from its fields; a validation error is a 422 naming the field (the first three, if several)."""
+    try:
+        return model.model_validate(fields, context=context)
+    except ValidationError as exc:
+        parts = []
+        for err in exc.errors()[:3]:
+            where = ".".join(str(p) for p in err.get("loc", ())) or "body"
+            parts.append(f"{where}: {err.get('msg', 'invalid').removeprefix('Value error, ')}")
+        raise InvalidInput("; ".join(parts)) from None
 
 
-async def read_verify(request: Request) -> tuple[Side, Side, float | None]:
-    """Sides a and b of /verify and the far, if sent: JSON objects, or form fields holding files or
-    JSON-encoded embeddings (multipart; url-encoded when both sides are embeddings)."""
-    if content_type(request, (MULTIPART, JSON, FORM)) == JSON:
-        body = _parse(await request.body(), VerifyRequest)
-        return _side("a", body.a), _side("b", body.b), body.far
-    form = await _form(request, max_files=2, max_fields=4)
-    sides = []
-    for label in ("a", "b"):
-        value = form.get(label)
-        if value is None:
-            raise InvalidInput(f"missing field '{label}': an image file or a JSON embedding")
-        if isinstance(value, UploadFile):
-            sides.append(Side(label, image=await _file_bytes(value, label)))
+def frames(body: FramesRequest) -> list[Frame]:
+    """/templates/{id}/frames' frames; a precomputed embedding is scaled back to its raw magnitude."""
+    out = []
+    for i, f in enumerate(body.frames):
+        if f.data is not None:
+            out.append(Frame(i, f.frame_id, image=f.data))
         else:
-            sides.append(Side(label, embedding=_embedding(_json_list(value, label), label)))
-    far = form.get("far")
-    return sides[0], sides[1], _float(far, "far") if far is not None else None
+            raw = f.embedding.unit * (f.embedding.norm if f.magnitude is None else f.magnitude)
+            out.append(Frame(i, f.frame_id, raw=raw, style=np.asarray(f.style, dtype=np.float64)))
+    return out
 
 
-async def _form(request: Request, max_files: int, max_fields: int):
-    """The multipart form; too many files is a 413, any other malformed form a 422 (Starlette's own checks)."""
+def frames_form(fields: dict) -> dict:
+    """Multipart `images` (+ `frame_ids`, one per file, in order) -> FramesRequest's `frames`."""
+    images, ids = fields.pop("images", []), fields.pop("frame_ids", None)
+    ids = [ids] if isinstance(ids, str) else ids
+    if ids is not None and len(ids) != len(images):
+        raise InvalidInput(f"{len(ids)} frame_ids for {len(images)} images: send one per image, in order, or none")
+    return {**fields, "frames": [{**image, "frame_id": ids[i] if ids else None} for i, image in enumerate(images)]}
+
+
+def _json(raw: bytes):
+    try:
+        return from_json(raw)  # bounded nesting: deeply nested JSON is an error, not a RecursionError
+    except ValueError as exc:
+        raise InvalidInput(f"body: malformed JSON ({exc})") from None
+
+
+def _add_query(fields: dict, request: Request, names: tuple[str, ...]) -> None:
+    for name in names:
+        values = request.query_params.getlist(name)
+        if not values:
+            continue
+        if name in fields:
+            raise InvalidInput(f"{name}: given both in the query and the body; send it once")
+        fields[name] = values[0] if len(values) == 1 else values
+
+
+async def _form(request: Request, max_files: int, max_fields: int) -> FormData:
+    """The form; too many files is a 413, any other malformed form a 422 (Starlette's own checks)."""
     try:
         return await request.form(max_files=max_files, max_fields=max_fields)
     except HTTPException as exc:
@@ -93,142 +139,39 @@ async def _form(request: Request, max_files: int, max_fields: int):
         raise InvalidInput(f"malformed multipart body: {exc.detail}") from None
 
 
-async def read_frames(request: Request, max_frames: int, embedding_size: int, style_size: int) -> list[Frame]:
-    """Frames for /templates/{id}/frames: multipart `images` (+ `frame_ids`, one per file, in order) or JSON `frames`."""
-    if content_type(request) == MULTIPART:
-        form = await _form(request, max_files=max_frames, max_fields=max_frames + 16)
-        images = [await _file_bytes(f, "images") for f in form.getlist("images")]
-        ids = [str(v) for v in form.getlist("frame_ids")]
-        if not images:
-            raise InvalidInput("no frames: send one or more files in the multipart field 'images'")
-        if ids and len(ids) != len(images):
-            raise InvalidInput(f"{len(ids)} frame_ids for {len(images)} images: send one per image, in order, or none")
-        _check_count(len(images), max_frames)
-        return [Frame(i, ids[i] if ids else None, image=data) for i, data in enumerate(images)]
-    body = _parse(await request.body(), FramesRequest)
-    _check_count(len(body.frames), max_frames)
-    frames = []
-    for i, f in enumerate(body.frames):
-        if f.data is not None:
-            frames.append(Frame(i, f.frame_id, image=b64decode(f.data, f"frames[{i}]")))
+async def _form_fields(form: FormData, files: dict[str, bool]) -> dict:
+    """A form as the model's fields: a file field of several files -> [{"data": bytes}], of one file ->
+    {"data": bytes} or, sent as text, {"embedding": its JSON list}; any other field as its text."""
+    fields = {}
+    for name in dict.fromkeys(form.keys()):
+        values = form.getlist(name)
+        if name in files and files[name]:
+            fields[name] = [{"data": await _file_bytes(v, name)} for v in values]
+        elif len(values) > 1:
+            fields[name] = [_text(v, name) for v in values]
+        elif name in files:
+            value = values[0]
+            fields[name] = ({"data": await _file_bytes(value, name)} if isinstance(value, UploadFile)
+                            else {"embedding": _json_text(value, name)})
         else:
-            raw, style = parse_precomputed(i, f.embedding, f.magnitude, f.style, embedding_size, style_size)
-            frames.append(Frame(i, f.frame_id, raw=raw, style=style))
-    return frames
+            fields[name] = _text(values[0], name)
+    return fields
 
 
-@dataclass(frozen=True)
-class GalleryInput:
-    images: list[bytes] | None = None
-    embedding: list[float] | None = None
-    template_id: str | None = None
-    top_k: int | None = None
-    far: float | None = None
+async def _file_bytes(value, name: str) -> bytes:
+    if not isinstance(value, UploadFile):
+        raise InvalidInput(f"{name}: must be a file")
+    return await value.read()
 
 
-async def read_gallery(request: Request, max_images: int, search: bool) -> GalleryInput:
-    """/gallery bodies: multipart `images` (search: + `top_k`, `far` fields), or the JSON request models."""
-    if content_type(request) == MULTIPART:
-        form = await _form(request, max_files=max_images, max_fields=16)
-        images = await _form_images(form, max_images)
-        top_k, far = form.get("top_k"), form.get("far")
-        return GalleryInput(images=images, top_k=int(_float(top_k, "top_k")) if top_k else None,
-                            far=_float(far, "far") if far else None)
-    body = _parse(await request.body(), GallerySearchRequest if search else GalleryEnrolRequest)
-    images = None if body.images is None else _b64_images(body.images, max_images)
-    if search:
-        return GalleryInput(images=images, embedding=body.embedding, top_k=body.top_k, far=body.far)
-    return GalleryInput(images=images, embedding=body.embedding, template_id=body.template_id)
-
-
-def b64decode(text: str, label: str) -> bytes:
-    if text.startswith("data:"):
-        text = text.partition(",")[2]
-    try:
-        data = base64.b64decode(text, validate=True)
-    except (binascii.Error, ValueError):
-        raise InvalidInput(f"{label}: 'data' is not valid base64") from None
-    if not data:
-        raise InvalidInput(f"{label}: empty image")
-    return data
-
-
-def _side(label: str, side: VerifySide) -> Side:
-    if side.data is not None:
-        return Side(label, image=b64decode(side.data, label))
-    return Side(label, embedding=_embedding(side.embedding, label))
-
-
-def _embedding(values, label: str) -> np.ndarray:
-    vector = np.asarray(values, dtype=np.float64)
-    if vector.ndim != 1 or not np.isfinite(vector).all() or not np.any(vector):
-        raise InvalidInput(f"{label}: an embedding must be a non-zero list of finite numbers")
-    return vector
-
-
-def _json_list(text: str, label: str) -> list:
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError:
-        raise InvalidInput(f"{label}: a text field must hold a JSON list of numbers (an embedding)") from None
-    if not isinstance(value, list) or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
-        raise InvalidInput(f"{label}: a text field must hold a JSON list of numbers (an embedding)")
+def _text(value, name: str) -> str:
+    if isinstance(value, UploadFile):
+        raise InvalidInput(f"{name}: must be a text field, not a file")
     return value
 
 
-def _float(text, label: str) -> float:
+def _json_text(text: str, name: str):
     try:
-        return float(text)
-    except (TypeError, ValueError):
-        raise InvalidInput(f"{label}: not a number") from None
-
-
-async def _file_bytes(value, label: str) -> bytes:
-    if not isinstance(value, UploadFile):
-        raise InvalidInput(f"field '{label}' must be a file")
-    data = await value.read()
-    if not data:
-        raise InvalidInput(f"field '{label}': empty file")
-    return data
-
-
-def _parse(raw: bytes, model: type[BaseModel]):
-    try:
-        return model.model_validate_json(raw)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first.get("loc", ())) or "body"
-        raise InvalidInput(f"{where}: {first.get('msg', 'invalid')}") from None
-
-
-async def _form_images(form, max_images: int) -> list[bytes]:
-    images = [await _file_bytes(f, "images") for f in form.getlist("images")]
-    if not images:
-        raise InvalidInput("no images: send one or more files in the multipart field 'images'")
-    _check_count(len(images), max_images)
-    return images
-
-
-def _b64_images(items, max_images: int) -> list[bytes]:
-    _check_count(len(items), max_images)
-    return [b64decode(item.data, f"images[{i}]") for i, item in enumerate(items)]
-
-
-def _check_count(n: int, max_images: int) -> None:
-    if n > max_images:
-        raise PayloadTooLarge(f"{n} images in one request; the limit is {max_images}")
-
-
-def parse_precomputed(index: int, embedding, magnitude, style, card_d: int, style_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """A client's precomputed frame -> (raw embedding (D,), style (S,)); the magnitude restores a unit embedding's scale."""
-    e = np.asarray(embedding, dtype=np.float64)
-    st = np.asarray(style, dtype=np.float64)
-    if e.shape != (card_d,) or not np.isfinite(e).all() or not np.any(e):
-        raise InvalidInput(f"frames[{index}]: embedding must be {card_d} finite numbers, not all zero")
-    if st.shape != (style_size,) or not np.isfinite(st).all():
-        raise InvalidInput(f"frames[{index}]: style must be {style_size} finite numbers (the model's style statistics)")
-    if magnitude is not None:
-        if not magnitude > 0:
-            raise InvalidInput(f"frames[{index}]: magnitude must be positive")
-        e = e / np.linalg.norm(e) * magnitude
-    return e, st
+        return from_json(text)
+    except ValueError:
+        raise InvalidInput(f"{name}: a text field must hold a JSON list of numbers (an embedding)") from None

@@ -1,56 +1,142 @@
-"""Request and response bodies: the HTTP contract of ../shared/ROADMAP.md, published as OpenAPI."""
+"""Request and response bodies: the HTTP contract of ../shared/ROADMAP.md, published as OpenAPI.
+
+A request model is the one validation of its request, whatever the encoding: `service.inputs`
+reads JSON bodies, multipart forms (files as bytes) and the query parameters the contract has
+into the same fields, so every bound lives here. Validation takes a context with the served
+model's sizes (`embedding_size`, and `style_size` for template frames).
+"""
 from __future__ import annotations
 
-from typing import Literal
+import base64
+import binascii
+from dataclasses import dataclass
+from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+import numpy as np
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    GetCoreSchemaHandler,
+    StrictFloat,
+    ValidationInfo,
+    WithJsonSchema,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import core_schema
+
+
+@dataclass(frozen=True)
+class Embedding:
+    """A client's embedding, checked once for every route: the served model's size, finite, not all
+    zero. Validated from a JSON list of numbers; kept as its unit vector and its norm (the magnitude
+    of a raw embedding)."""
+
+    unit: np.ndarray  # (D,) float64, L2-normalised
+    norm: float
+
+    @classmethod
+    def __get_pydantic_core_schema__(cls, source: Any, handler: GetCoreSchemaHandler) -> core_schema.CoreSchema:
+        return core_schema.with_info_after_validator_function(cls._validate, handler(list[StrictFloat]))
+
+    @classmethod
+    def _validate(cls, values: list[float], info: ValidationInfo) -> Embedding:
+        size = info.context["embedding_size"]
+        if len(values) != size:
+            raise ValueError(f"{len(values)} values; the served model's embeddings have {size}")
+        vector = np.asarray(values, dtype=np.float64)
+        scale = float(np.abs(vector).max())
+        if scale == 0:
+            raise ValueError("an embedding must not be all zeros")
+        unit = vector / scale
+        norm = scale * float(np.linalg.norm(unit))  # scaled first: ‖v‖² of large values would overflow
+        if not np.isfinite(norm):
+            raise ValueError("the embedding's norm overflows")
+        return cls(unit / np.linalg.norm(unit), norm)
+
+
+def _image_bytes(value: str | bytes) -> bytes:
+    """JSON sends base64 text (a data: URL prefix is allowed); a multipart form sends the file's bytes."""
+    if isinstance(value, str):
+        try:
+            value = base64.b64decode(value.partition(",")[2] if value.startswith("data:") else value, validate=True)
+        except (binascii.Error, ValueError):
+            raise ValueError("not valid base64") from None
+    if not value:
+        raise ValueError("empty image")
+    return value
+
+
+ImageBytes = Annotated[str | bytes, AfterValidator(_image_bytes), WithJsonSchema(
+    {"type": "string", "contentEncoding": "base64",
+     "description": "The image file (JPEG, PNG or WebP), base64; a data: URL prefix is allowed."})]
+Far = Annotated[float | None, Field(default=None, gt=0, lt=1, description="False accept rate whose calibrated "
+                                    "threshold decides (default: the service's)")]
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
-# ---- requests (JSON forms; the multipart forms carry the same fields as files) ----------
+class _OneOf(_Strict):
+    """A body that takes exactly one of the fields named in `one_of`."""
+
+    one_of: ClassVar[tuple[str, ...]]
+
+    @model_validator(mode="after")
+    def _exactly_one(self):
+        if sum(getattr(self, name) is not None for name in self.one_of) != 1:
+            raise ValueError(f"give exactly one of {' or '.join(repr(n) for n in self.one_of)}")
+        return self
+
+
+# ---- requests ------------------------------------------------------------------------------
 
 
 class ImageData(_Strict):
-    data: str = Field(description="The image file (JPEG, PNG or WebP), base64; a data: URL prefix is allowed.")
+    data: ImageBytes
 
 
 class EmbedRequest(_Strict):
     images: list[ImageData] = Field(min_length=1, description="One or more images; one result per image, in order.")
 
 
-class VerifySide(_Strict):
-    data: str | None = Field(default=None, description="An image, base64 (its largest face is compared).")
-    embedding: list[float] | None = Field(default=None, description="An embedding from /embed (any scale).")
-
-    @model_validator(mode="after")
-    def _one(self) -> VerifySide:
-        if (self.data is None) == (self.embedding is None):
-            raise ValueError("give exactly one of 'data' (an image) or 'embedding'")
-        return self
+class VerifySide(_OneOf):
+    one_of: ClassVar = ("data", "embedding")
+    data: ImageBytes | None = Field(default=None, description="An image (its largest face is compared).")
+    embedding: Embedding | None = Field(default=None, description="An embedding from /embed (any scale).")
 
 
 class VerifyRequest(_Strict):
     a: VerifySide
     b: VerifySide
-    far: float | None = Field(default=None, gt=0, lt=1, description="False accept rate (default: the service's).")
+    far: Far
 
 
-class FrameData(_Strict):
-    data: str | None = Field(default=None, description="An image, base64 (its largest face is the frame).")
-    embedding: list[float] | None = Field(default=None, description="Or a precomputed embedding of the served model "
-                                          "(raw, or unit with `magnitude`)...")
-    magnitude: float | None = Field(default=None, description="...its MagFace magnitude, if `embedding` is unit-norm...")
-    style: list[float] | None = Field(default=None, description="...and its style statistics (/embed?include_style=true).")
+class FrameData(_OneOf):
+    one_of: ClassVar = ("data", "embedding")
+    data: ImageBytes | None = Field(default=None, description="An image (its largest face is the frame).")
+    embedding: Embedding | None = Field(default=None, description="Or a precomputed embedding of the served model "
+                                        "(raw, or unit with `magnitude`)...")
+    magnitude: float | None = Field(default=None, gt=0, description="...its MagFace magnitude, if `embedding` "
+                                    "is unit-norm...")
+    style: list[float] | None = Field(default=None, description="...and its style statistics "
+                                      "(/embed?include_style=true).")
     frame_id: str | None = Field(default=None, min_length=1, max_length=128,
                                  description="The client's id of the frame: a repeated id is not counted twice.")
 
+    @field_validator("style")
+    @classmethod
+    def _style_size(cls, style: list[float] | None, info: ValidationInfo) -> list[float] | None:
+        size = info.context["style_size"]
+        if style is not None and len(style) != size:
+            raise ValueError(f"{len(style)} values; the model's style statistics have {size}")
+        return style
+
     @model_validator(mode="after")
-    def _one(self) -> FrameData:
-        if (self.data is None) == (self.embedding is None):
-            raise ValueError("give exactly one of 'data' (an image) or 'embedding' (with 'style')")
+    def _style_with_embedding(self) -> FrameData:
         if self.embedding is not None and self.style is None:
             raise ValueError("a precomputed 'embedding' needs its 'style' statistics")
         return self
@@ -60,30 +146,26 @@ class FramesRequest(_Strict):
     frames: list[FrameData] = Field(min_length=1)
 
 
-class GalleryEnrolRequest(_Strict):
+class GalleryEnrolRequest(_OneOf):
+    one_of: ClassVar = ("images", "embedding", "template_id")
     images: list[ImageData] | None = Field(default=None, min_length=1, description="Photos of the identity "
                                            "(their largest faces, fused with CAFace where it runs)")
-    embedding: list[float] | None = Field(default=None, description="Or an embedding of the served model")
+    embedding: Embedding | None = Field(default=None, description="Or an embedding of the served model")
     template_id: str | None = Field(default=None, description="Or a CAFace template's fused embedding")
 
-    @model_validator(mode="after")
-    def _one(self) -> GalleryEnrolRequest:
-        if sum(v is not None for v in (self.images, self.embedding, self.template_id)) != 1:
-            raise ValueError("give exactly one of 'images', 'embedding' or 'template_id'")
-        return self
 
-
-class GallerySearchRequest(_Strict):
+class GallerySearchRequest(_OneOf):
+    one_of: ClassVar = ("images", "embedding")
     images: list[ImageData] | None = Field(default=None, min_length=1, description="Queries: the largest face of each")
-    embedding: list[float] | None = Field(default=None, description="Or one query embedding")
-    top_k: int | None = Field(default=None, ge=1, le=1000)
-    far: float | None = Field(default=None, gt=0, lt=1)
+    embedding: Embedding | None = Field(default=None, description="Or one query embedding")
+    top_k: int | None = Field(default=None, ge=1, le=1000, description="Matches per query (default 5)")
+    far: Far
 
-    @model_validator(mode="after")
-    def _one(self) -> GallerySearchRequest:
-        if (self.images is None) == (self.embedding is None):
-            raise ValueError("give exactly one of 'images' or 'embedding'")
-        return self
+
+# the request models: routes read them through `service.inputs.RequestBody`, not FastAPI, so the
+# OpenAPI document gets them from here (`service.routes.openapi`)
+REQUESTS: tuple[type[BaseModel], ...] = (EmbedRequest, VerifyRequest, FramesRequest, GalleryEnrolRequest,
+                                         GallerySearchRequest)
 
 
 # ---- responses --------------------------------------------------------------------------

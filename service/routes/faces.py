@@ -3,13 +3,13 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Depends, Query
 
 from service.auth import Authenticated
 from service.deps import Admitted, AppSettings, Faces
 from service.faces import EmbedOptions, SideResult, StyledFace
-from service.inputs import read_images, read_verify
-from service.routes.openapi import body, fields
+from service.inputs import FORM, JSON, MULTIPART, RequestBody
+from service.routes.openapi import body
 from service.schemas import (
     EmbedRequest,
     EmbedResponse,
@@ -25,35 +25,35 @@ from service.schemas import (
 router = APIRouter(dependencies=[Authenticated, Admitted], responses={
     s: {"model": Problem} for s in (400, 401, 413, 415, 422, 429, 503)})
 
+EMBED = RequestBody(EmbedRequest, files={"images": True})
+# url-encoded as well, for two embeddings; a side sent as text holds a JSON embedding
+VERIFY = RequestBody(VerifyRequest, files={"a": False, "b": False}, text={"far": "False accept rate"}, query=("far",),
+                     counted=None, max_files=2, encodings=(MULTIPART, JSON, FORM))
+
 
 @router.post("/embed", response_model=EmbedResponse, response_model_exclude_unset=True,  # style only when asked
-             summary="Detect, align and embed every face of each image",
-             openapi_extra=body(EmbedRequest, fields({"images": True})))
+             summary="Detect, align and embed every face of each image", openapi_extra=body(EMBED))
 async def embed(
-    request: Request, faces: Faces, settings: AppSettings,
+    request: Annotated[EmbedRequest, Depends(EMBED)], faces: Faces, settings: AppSettings,
     max_faces: Annotated[int | None, Query(ge=1, description="Most faces per image, largest first")] = None,
     min_face_size: Annotated[float | None, Query(ge=0, description="Smallest face side in pixels")] = None,
     min_quality: Annotated[float, Query(ge=0, le=1, description="Leave out faces of lower quality")] = 0.0,
     include_style: Annotated[bool, Query(description="Add each face's CAFace style statistics (to send frames "
                                                      "as embeddings to /templates)")] = False,
 ) -> EmbedResponse:
-    images = await read_images(request, settings.max_images)
     options = EmbedOptions(max_faces or settings.max_faces,
                            settings.min_face_size if min_face_size is None else min_face_size, min_quality)
-    results = await faces.embed_images(images, options)
+    results = await faces.embed_images([image.data for image in request.images], options)
     return EmbedResponse(model=model_info(faces),
                          results=[ImageResult(faces=[face_out(f, include_style) for f in fs]) for fs in results])
 
 
 @router.post("/verify", response_model=VerifyResponse, summary="Are two faces (images or embeddings) the same person?",
-             openapi_extra=body(VerifyRequest, fields({"a": False, "b": False}, {
-                 "far": "False accept rate (default: the service's)"})))
-async def verify(
-    request: Request, faces: Faces, settings: AppSettings,
-    far: Annotated[float | None, Query(gt=0, lt=1, description="False accept rate whose threshold decides")] = None,
-) -> VerifyResponse:
-    a, b, body_far = await read_verify(request)
-    verdict = await faces.verify(a, b, body_far or far or settings.default_far)
+             openapi_extra=body(VERIFY))
+async def verify(request: Annotated[VerifyRequest, Depends(VERIFY)], faces: Faces,
+                 settings: AppSettings) -> VerifyResponse:
+    far = settings.default_far if request.far is None else request.far
+    verdict = await faces.verify(request.a, request.b, far)
     return VerifyResponse(similarity=verdict.similarity, match=verdict.match, threshold=verdict.threshold,
                           far=verdict.far, a=side_info(verdict.a), b=side_info(verdict.b))
 

@@ -1,33 +1,39 @@
-"""OpenAPI for routes whose body is either multipart files or JSON (both read by `service.inputs`).
+"""OpenAPI for routes whose request is read by a `service.inputs.RequestBody` (multipart or JSON, and
+query parameters): FastAPI cannot infer it from a signature, so each route declares it with
+`body(reader)`, and `install` adds the request models (`service.schemas.REQUESTS`) to the components.
 
-FastAPI cannot infer such a body from a signature, so routes declare it with `body(...)` and
-`install` adds the JSON models to the document's components.
+Every bound shown comes from the request model, the one place that enforces it.
 """
 from __future__ import annotations
 
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
-from pydantic import BaseModel
+
+from service.inputs import RequestBody
+from service.schemas import REQUESTS
 
 REF = "#/components/schemas/{model}"
-_MODELS: dict[str, type[BaseModel]] = {}
 
 
-def body(json_model: type[BaseModel], multipart: dict) -> dict:
-    """`openapi_extra` declaring both content types of a request body."""
-    _MODELS[json_model.__name__] = json_model
-    return {"requestBody": {"required": True, "content": {
-        "multipart/form-data": {"schema": {"type": "object", **multipart}},
-        "application/json": {"schema": {"$ref": REF.format(model=json_model.__name__)}},
+def body(reader: RequestBody) -> dict:
+    """`openapi_extra` declaring the request body in both encodings and the query parameters the model takes."""
+    props = reader.model.model_json_schema(ref_template=REF)["properties"]
+    binary = {"type": "string", "format": "binary"}
+    multipart = {n: ({"type": "array", "items": binary} if many else binary) for n, many in reader.files.items()}
+    for name, description in reader.text.items():
+        multipart[name] = {**_present(props.get(name, {"type": "string"})), "description": description}
+    query = [{"name": n, "in": "query", "required": False, "schema": _present(props[n])} for n in reader.query]
+    form = {"type": "object", "properties": multipart, "required": list(reader.files)}
+    return {"parameters": query, "requestBody": {"required": True, "content": {
+        "multipart/form-data": {"schema": form},
+        "application/json": {"schema": {"$ref": REF.format(model=reader.model.__name__)}},
     }}}
 
 
-def fields(files: dict[str, bool], text: dict[str, str] | None = None, required: tuple[str, ...] = ()) -> dict:
-    """A multipart schema: file fields (name -> several files?) and text fields (name -> description)."""
-    binary = {"type": "string", "format": "binary"}
-    props = {n: ({"type": "array", "items": binary} if many else binary) for n, many in files.items()}
-    props.update({n: {"type": "string", "description": d} for n, d in (text or {}).items()})
-    return {"properties": props, "required": list(required or files)}
+def _present(schema: dict) -> dict:
+    """An optional field's schema as sent: without its null branch and default."""
+    options = [s for s in schema.get("anyOf", [schema]) if s.get("type") != "null"]
+    return {**options[0], **{k: v for k, v in schema.items() if k in ("description", "title")}}
 
 
 def install(app: FastAPI) -> None:
@@ -35,10 +41,10 @@ def install(app: FastAPI) -> None:
         if app.openapi_schema is None:
             schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
             components = schema.setdefault("components", {}).setdefault("schemas", {})
-            for name, model in _MODELS.items():
+            for model in REQUESTS:
                 js = model.model_json_schema(ref_template=REF)
                 components.update(js.pop("$defs", {}))
-                components[name] = js
+                components[model.__name__] = js
             app.openapi_schema = schema
         return app.openapi_schema
 

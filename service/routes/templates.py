@@ -3,12 +3,12 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Path, Query, Request
+from fastapi import APIRouter, Depends, Path, Query
 
 from service.auth import Authenticated
 from service.deps import Admitted, AppSettings, Templates
-from service.inputs import read_frames
-from service.routes.openapi import body, fields
+from service.inputs import RequestBody, frames, frames_form
+from service.routes.openapi import body
 from service.schemas import (
     Deleted,
     FramesRequest,
@@ -22,19 +22,19 @@ router = APIRouter(prefix="/templates", tags=["templates"], dependencies=[Authen
                    responses={s: {"model": Problem} for s in (400, 401, 404, 409, 413, 415, 422, 429, 503)})
 
 TemplateId = Annotated[str, Path(pattern=r"^[A-Za-z0-9._:@-]{1,128}$", description="The identity's template id")]
+FRAMES = RequestBody(FramesRequest, files={"images": True}, text={"frame_ids": "One per image, in order"},
+                     counted="frames", from_form=frames_form)
 
 
 @router.post("/{template_id}/frames", response_model=FramesResponse, summary="Stream frames into a template",
-             openapi_extra=body(FramesRequest, fields({"images": True}, {"frame_ids": "One per image, in order"},
-                                                      required=("images",))))
+             openapi_extra=body(FRAMES))
 async def add_frames(
-    template_id: TemplateId, request: Request, templates: Templates, settings: AppSettings,
+    template_id: TemplateId, templates: Templates, request: Annotated[FramesRequest, Depends(FRAMES)],
+    settings: AppSettings,
     min_quality: Annotated[float | None, Query(ge=0, le=1, description="Quality floor (default: the service's)")] = None,
 ) -> FramesResponse:
-    frames = await read_frames(request, settings.max_images, templates.card.embedding_size,
-                               templates.fusion.card.style_size)
     floor = settings.template_min_quality if min_quality is None else min_quality
-    out = await templates.add_frames(template_id, frames, floor)
+    out = await templates.add_frames(template_id, frames(request), floor)
     return FramesResponse(id=out.template_id, frames=out.frames, accepted=out.accepted, quality=out.quality,
                           rejected=[RejectedFrame(index=r.index, reason=r.reason) for r in out.rejected])
 
