@@ -6,6 +6,7 @@ so a broken model fails the start, not the first request. The process never impo
 """
 from __future__ import annotations
 
+import asyncio
 import logging
 from contextlib import asynccontextmanager
 
@@ -24,7 +25,7 @@ from service.gallery import GalleryService
 from service.gallery_store import GalleryStore
 from service.limits import BodySizeLimit
 from service.metrics import Metrics, MetricsMiddleware
-from service.redis_store import EmbeddedRedis, connect
+from service.redis_store import EmbeddedRedis, FileEraser, connect
 from service.routes import docs, openapi
 from service.routes import faces as face_routes
 from service.routes import gallery as gallery_routes
@@ -62,7 +63,7 @@ def build_templates(settings: Settings, state) -> tuple[TemplateService | None, 
         return None, f"the {settings.engine} runtime does not return the model's CAFace style output"
     fusion = FusionModel.load(settings.fusion_card)
     store = TemplateStore(state.redis, settings.key_prefix, fusion.memory_size, model_id(fusion),
-                          settings.template_id_window)
+                          settings.template_id_window, on_erase=state.eraser.erased)
     try:
         return TemplateService(state.faces, fusion, store, state.metrics, settings.min_face_size), None
     except ValueError as exc:  # the fusion model was trained on another recognition model
@@ -83,17 +84,22 @@ async def lifespan(app: FastAPI):
         state.embedded_redis = EmbeddedRedis(settings.state_dir)
         url = await run_in_threadpool(state.embedded_redis.start)
     state.redis = connect(url)
+    state.eraser = FileEraser(state.redis, settings.key_prefix, settings.erasure_interval_s)
     state.faces = FaceService(pipeline, state.batcher, state.metrics, settings.max_image_pixels)
     state.templates, state.templates_off = build_templates(settings, state)
-    state.gallery = GalleryService(state.faces, GalleryStore(state.redis, settings.key_prefix, pipeline.card.embedding_size),
-                                   state.templates)
+    galleries = GalleryStore(state.redis, settings.key_prefix, pipeline.card.embedding_size, on_erase=state.eraser.erased)
+    state.gallery = GalleryService(state.faces, galleries, state.templates)
     card = pipeline.card
     state.metrics.model.info({"name": card.name, "version": card.version, "engine": pipeline.engine.name})
+    state.eraser.start()
+    follower = asyncio.create_task(state.gallery.follow(settings.erasure_interval_s))
     try:
         log.info("self-test: %s", await state.faces.self_test())
         log.info("serving %s %s on %s", card.name, card.version, pipeline.engine.name)
         yield
     finally:
+        follower.cancel()
+        await state.eraser.stop()
         await state.batcher.stop()
         await state.redis.aclose()
         if state.embedded_redis is not None:

@@ -3,15 +3,19 @@
 Every request that reads a gallery first brings this replica's index up to the Redis log (one
 round trip when nothing changed), so a search sees every enrolment acknowledged before it, on
 any replica. The index is exact inner product over unit embeddings (cosine), on the GPU where
-faiss has one; enrolment replaces an identity's embedding.
+faiss has one; enrolment replaces an identity's embedding. Indexes live in this process's
+memory only (no FAISS snapshot is written anywhere), and `follow` brings them all up to Redis on
+a schedule, so a deleted identity leaves every replica within a bound even where nobody searches.
 """
 from __future__ import annotations
 
 import asyncio
+import logging
 from dataclasses import dataclass, field
 
 import faiss
 import numpy as np
+from redis.exceptions import RedisError
 
 from service.errors import InvalidInput, NoFace, NotFound
 from service.faces import EmbedOptions, FaceService
@@ -19,18 +23,18 @@ from service.gallery_store import GalleryStore
 from service.schemas import Embedding
 from service.templates import TemplateService
 
+log = logging.getLogger(__name__)
+
 
 @dataclass
 class GalleryIndex:
-    """One gallery's index on this replica: FAISS ids are ints, identities are strings."""
+    """One gallery's index on this replica: an identity's FAISS id is its slot in Redis (`gallery_store`)."""
 
     dim: int
     entry: str = "0-0"  # the last log entry applied
     loaded: bool = False
     index: faiss.Index = None
-    ids: dict[str, int] = field(default_factory=dict)
-    names: dict[int, str] = field(default_factory=dict)
-    next_id: int = 0
+    names: dict[int, str] = field(default_factory=dict)  # slot -> identity
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     def __post_init__(self) -> None:
@@ -38,20 +42,16 @@ class GalleryIndex:
 
     def reset(self) -> None:
         self.index = new_index(self.dim)
-        self.ids, self.names, self.next_id, self.loaded = {}, {}, 0, False
+        self.names, self.loaded = {}, False
 
-    def put(self, identity: str, vector: np.ndarray) -> None:
-        self.remove(identity)
-        self.ids[identity] = n = self.next_id
-        self.names[n] = identity
-        self.next_id += 1
-        self.index.add_with_ids(np.asarray(vector, np.float32).reshape(1, -1), np.array([n], np.int64))
+    def put(self, slot: int, identity: str, vector: np.ndarray) -> None:
+        self.remove(slot)
+        self.names[slot] = identity
+        self.index.add_with_ids(np.asarray(vector, np.float32).reshape(1, -1), np.array([slot], np.int64))
 
-    def remove(self, identity: str) -> None:
-        n = self.ids.pop(identity, None)
-        if n is not None:
-            del self.names[n]
-            self.index.remove_ids(np.array([n], np.int64))
+    def remove(self, slot: int) -> None:
+        if self.names.pop(slot, None) is not None:
+            self.index.remove_ids(np.array([slot], np.int64))
 
     def search(self, queries: np.ndarray, top_k: int) -> list[list[tuple[str, float]]]:
         """Best `top_k` (identity, cosine) per query row (Q, D), best first."""
@@ -97,19 +97,30 @@ class GalleryService:
                     continue
                 for change in changes:
                     if change.op == "put":
-                        idx.put(change.identity, change.vector)
+                        idx.put(change.slot, change.identity, change.vector)
                     else:
-                        idx.remove(change.identity)
+                        idx.remove(change.slot)
                     idx.entry = change.entry
                 if len(changes) < 1000:
                     return idx
 
     async def _reload(self, gallery: str, idx: GalleryIndex) -> None:
         idx.reset()
-        idx.entry, vectors = await self.store.snapshot(gallery)
-        for identity, vector in vectors.items():
-            idx.put(identity, vector)
+        idx.entry, records = await self.store.snapshot(gallery)
+        for slot, (identity, vector) in records.items():
+            idx.put(slot, identity, vector)
         idx.loaded = True
+
+    async def follow(self, interval: float) -> None:
+        """Brings every index of this replica up to Redis each `interval` s, so an identity deleted
+        elsewhere leaves this replica's memory within that bound even if nobody reads its gallery here."""
+        while True:
+            await asyncio.sleep(interval)
+            for gallery in list(self.indexes):
+                try:
+                    await self.synced(gallery)
+                except RedisError as exc:  # Redis away: the next round (or read) catches up
+                    log.warning("gallery %s: could not follow Redis (%s)", gallery, type(exc).__name__)
 
     # ---- operations ------------------------------------------------------------------------
     async def enrol(self, gallery: str, identity: str, images: list[bytes] | None = None,

@@ -5,10 +5,12 @@
 
 The embedded server is the machine's `redis-server` (FACESET_REDIS_SERVER or PATH), listening on
 a unix socket only (no port to clash with or expose) with its append-only file in
-`state_dir/redis`, so templates and galleries survive a restart of the service.
+`state_dir/redis`, so templates and galleries survive a restart of the service, and no RDB
+snapshots (`FileEraser` rewrites the one file that holds data).
 """
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import shutil
@@ -18,6 +20,7 @@ from pathlib import Path
 
 import redis
 import redis.asyncio as aioredis
+from redis.exceptions import RedisError, ResponseError
 
 log = logging.getLogger(__name__)
 
@@ -94,3 +97,100 @@ class EmbeddedRedis:
             self.process.kill()
             self.process.wait()
         self.process = None
+
+
+# per file kind: the command that rewrites it and the INFO field of its outcome
+REWRITES = {"aof": ("BGREWRITEAOF", "aof_last_bgrewrite_status"), "rdb": ("BGSAVE", "rdb_last_bgsave_status")}
+BUSY = ("aof_rewrite_in_progress", "aof_rewrite_scheduled", "rdb_bgsave_in_progress")  # INFO: a child runs or waits
+
+
+class FileEraser:
+    """Rewrites Redis's files after deletions, so erased data leaves its disk within a bound.
+
+    Redis keeps every write in its append-only file until the file is rewritten, and the data set
+    in its RDB snapshot until the next one: a deleted identity's id and vector stay on disk. After
+    `erased()`, a background round rewrites the AOF (where it is on) and the RDB snapshot (where
+    snapshots are configured), and clears the slow log if it holds our commands (their arguments
+    are ids and vectors); at most one round per `interval` s, so a burst of deletions costs one.
+    A rewrite writes the data set as it was when it began, so one already running when a deletion
+    lands does not cover it: the round waits for it, then starts its own. A server that refuses
+    the commands (renamed, denied by an ACL) gets one warning; the README says what to allow.
+    """
+
+    def __init__(self, client: aioredis.Redis, prefix: str, interval: float) -> None:
+        self.client, self.prefix, self.interval = client, prefix, interval
+        self._pending = asyncio.Event()
+        self._last = -interval
+        self._warned = False
+        self._task: asyncio.Task | None = None
+
+    def erased(self) -> None:
+        self._pending.set()
+
+    def start(self) -> None:
+        """Runs one round at once too: deletions a stopped or crashed replica had not rewritten yet."""
+        self._pending.set()
+        self._task = asyncio.create_task(self._run())
+
+    async def stop(self, timeout: float = 30.0) -> None:
+        """Cancels the task; a round still owed runs now (bounded), so a deletion is not left to the next start."""
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+        if self._pending.is_set():
+            self._pending.clear()
+            try:
+                await asyncio.wait_for(self._round(), timeout)
+            except asyncio.TimeoutError:
+                log.warning("Redis's files were not rewritten within %.0f s of stopping; the next start rewrites them",
+                            timeout)
+
+    async def _run(self) -> None:
+        while True:
+            await self._pending.wait()
+            await asyncio.sleep(max(0.0, self._last + self.interval - time.monotonic()))
+            self._pending.clear()
+            self._last = time.monotonic()
+            await self._round()
+
+    async def _round(self) -> None:
+        try:
+            await self.rewrite()
+        except ResponseError as exc:  # refused: renamed, denied by an ACL, or the rewrite failed
+            if not self._warned:
+                log.warning("Redis refused to rewrite its files (%s): deleted data stays in them until Redis "
+                            "rewrites them on its own; allow BGREWRITEAOF, BGSAVE, CONFIG GET, INFO and SLOWLOG "
+                            "(README, Erasure)", exc)
+                self._warned = True
+        except (RedisError, OSError) as exc:  # Redis away: try again next round
+            log.warning("could not rewrite Redis's files (%s); retrying", type(exc).__name__)
+            self._pending.set()
+
+    async def rewrite(self) -> None:
+        """One round: every kind of file Redis keeps rewritten after now, the slow log cleared of our commands."""
+        kinds = ["aof"] if (await self.client.info("persistence"))["aof_enabled"] else []
+        if (await self.client.config_get("save")).get("save"):
+            kinds.append("rdb")
+        for kind in kinds:
+            command, status = REWRITES[kind]
+            while True:
+                await self._idle()
+                try:
+                    await self.client.execute_command(command)
+                    break
+                except ResponseError as exc:  # another rewrite started in between: wait for it too
+                    if "in progress" not in str(exc) and "child process" not in str(exc):
+                        raise
+            await self._idle()
+            if (outcome := (await self.client.info("persistence"))[status]) != "ok":
+                raise ResponseError(f"{command} ended with status {outcome}")
+        if any(self.prefix.encode() in e["command"] for e in await self.client.slowlog_get(-1)):
+            await self.client.slowlog_reset()
+
+    async def _idle(self) -> None:
+        while True:
+            info = await self.client.info("persistence")
+            if not any(info[field] for field in BUSY):
+                return
+            await asyncio.sleep(0.05)

@@ -97,6 +97,12 @@ class Settings(BaseSettings):
     max_concurrent_requests: int = Field(
         default=64, ge=1,
         description="Face requests served at once; more get 429 at once instead of queueing without bound.")
+    erasure_interval_s: float = Field(
+        default=60.0, gt=0, le=3600,
+        description="Bound on how long deleted identities and templates linger: after deletions Redis's files are "
+                    "rewritten at most once per interval (a burst of deletions costs one rewrite), and every replica "
+                    "brings its gallery indexes up to Redis at least this often. Shorter: erasure completes sooner, "
+                    "at the cost of more rewrites (each writes the whole data set to disk).")
     log_level: Literal["debug", "info", "warning", "error"] = Field(default="info", description="Log level.")
 
     @field_validator("engine", mode="before")

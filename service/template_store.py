@@ -21,6 +21,7 @@ sums hold; appending with another model is refused, as the sums would be meaning
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -95,10 +96,13 @@ def check_id(template_id: str) -> str:
 
 
 class TemplateStore:
-    """Template memories of length `length` under `prefix`, written by fusion model `model`."""
+    """Template memories of length `length` under `prefix`, written by fusion model `model`; `on_erase` is
+    called after each deletion (e.g. to schedule the rewrite of Redis's files)."""
 
-    def __init__(self, client: aioredis.Redis, prefix: str, length: int, model: str, id_window: int = 4096) -> None:
+    def __init__(self, client: aioredis.Redis, prefix: str, length: int, model: str, id_window: int = 4096,
+                 on_erase: Callable[[], None] | None = None) -> None:
         self.client, self.prefix, self.length, self.model, self.id_window = client, prefix, length, model, id_window
+        self.on_erase = on_erase
         self._append = client.register_script(APPEND_LUA)
 
     def keys(self, template_id: str) -> tuple[str, str]:
@@ -135,6 +139,8 @@ class TemplateStore:
         removed = await self.client.delete(*self.keys(template_id))
         if not removed:
             raise NotFound(f"no template {template_id}")
+        if self.on_erase:
+            self.on_erase()
 
     async def memory_bytes(self, template_id: str) -> dict[str, int]:
         """Redis's own account of the bytes each key of a template takes (MEMORY USAGE)."""
