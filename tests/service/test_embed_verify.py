@@ -29,7 +29,8 @@ def _png(array: np.ndarray) -> bytes:
 
 def test_embed_answers_the_contract(client, lfw):
     body = _embed(client, photo(lfw, "Abel_Pacheco"))
-    assert body["model"] == {"name": "faceset-dlib-magface", "version": body["model"]["version"], "embedding_size": 128}
+    card = client.app.state.faces.card
+    assert body["model"] == {"name": "faceset-dlib-magface", "version": card.version, "embedding_size": 128}
     (face,) = body["results"][0]["faces"]
     assert set(face) == {"bbox", "landmarks", "detection_score", "embedding", "magnitude", "quality"}
     x1, y1, x2, y2 = face["bbox"]

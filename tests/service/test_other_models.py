@@ -40,6 +40,7 @@ def test_another_model_is_served(tiny_client, data_dir):
     photo = (data_dir / "lfw-dev" / "images" / "Abel_Pacheco_0001.jpg").read_bytes()
     body = tiny_client.post("/embed", files=[("images", photo)]).json()
     assert body["model"] == {"name": "tiny", "version": "7", "embedding_size": 64}
+    assert tiny_client.app.state.batcher.engine.name.startswith("onnxruntime")  # the runtime the service ships
     (face,) = body["results"][0]["faces"]
     assert len(face["embedding"]) == 64 and abs(np.linalg.norm(face["embedding"]) - 1) < 1e-5
     assert face["quality"] is None  # the card has no quality mapping: none is invented
@@ -48,36 +49,20 @@ def test_another_model_is_served(tiny_client, data_dir):
 def test_what_the_card_lacks_is_a_clear_answer(tiny_client):
     r = tiny_client.post("/verify", json={"a": {"embedding": [1.0] * 64}, "b": {"embedding": [1.0] * 64}})
     assert r.status_code == 422 and "calibration" in r.json()["error"]["message"]
-    off = tiny_client.get("/templates/anyone")
-    assert off.status_code == 503 and "style output" in off.json()["error"]["message"]
     buf = io.BytesIO()
     Image.new("RGB", (64, 64)).save(buf, format="PNG")
     assert tiny_client.post("/embed", files=[("images", buf.getvalue())]).json()["results"] == [{"faces": []}]
     assert tiny_client.get("/readyz").status_code == 200
 
 
-def test_a_runtime_without_the_style_output_serves_faces_with_templates_off(redis_available, monkeypatch):
-    """A runtime that returns only the embedding (the torch development engine): the service must still start and say why templates are off."""
-    import service.app as app_module
-    from engines.base import build_engine
-
-    class EmbeddingOnly:  # the ONNX Runtime engine seen through a runtime that returns the embedding alone
-        def __init__(self, inner):
-            self.inner = inner
-            self.card, self.name = inner.card, f"embedding-only:{inner.name}"
-            self.input_size, self.embedding_size, self.max_batch_size = inner.input_size, inner.embedding_size, inner.max_batch_size
-            self.outputs = {"embedding": inner.embedding_size}
-
-        def run(self, batch):
-            return {"embedding": self.inner.run(batch)["embedding"]}
-
-        def health(self):
-            return self.inner.health()
-
-    monkeypatch.setattr(app_module, "build_engine", lambda *a, **k: EmbeddingOnly(build_engine(*a, **k)))
-    settings = make_settings()
-    with TestClient(create_app(settings)) as c:
-        off = c.get("/templates/anyone")
-        assert off.status_code == 503 and "does not return" in off.json()["error"]["message"]
-        assert c.get("/readyz").status_code == 200
-    drop_keys(settings)
+def test_a_card_without_the_style_output_serves_faces_with_templates_off(tiny_client, data_dir):
+    """The tiny card has no CAFace style output: faces are served on ONNX Runtime, templates answer 503 and say why."""
+    assert "no CAFace style output" in tiny_client.app.state.templates_off
+    frame = {"embedding": [1.0] * 64, "style": []}
+    for off in (tiny_client.get("/templates/anyone"),
+                tiny_client.post("/templates/anyone/frames", json={"frames": [frame]})):
+        assert off.status_code == 503 and "no CAFace style output" in off.json()["error"]["message"]
+    photo = (data_dir / "lfw-dev" / "images" / "Abel_Pacheco_0001.jpg").read_bytes()
+    faces = tiny_client.post("/embed", params={"include_style": True}, files=[("images", photo)]).json()
+    assert faces["results"][0]["faces"][0]["style"] is None  # none is invented either
+    assert tiny_client.get("/readyz").status_code == 200
