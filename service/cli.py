@@ -41,9 +41,12 @@ def serve(
 
 def build_app() -> typer.Typer:
     """The `faceset` app: the serving commands plus those of every installed plugin."""
-    app = typer.Typer(no_args_is_help=True, add_completion=False,
-                      help="faceset: serve face recognition models (and train, evaluate and export them where "
-                           "faceset-train is installed).")
+    app = typer.Typer(no_args_is_help=True, add_completion=False)
+
+    @app.callback()
+    def faceset() -> None:  # a callback keeps `faceset serve` a subcommand when serve is the only command
+        """faceset: serve face recognition models (and train, evaluate and export them where faceset-train is installed)."""
+
     for commands in [serving, *(ep.load() for ep in entry_points(group=PLUGIN_GROUP))]:
         app.registered_commands += commands.registered_commands
         app.registered_groups += commands.registered_groups

@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+from typer.testing import CliRunner
+
 CODE = """
 import sys
 from service.app import build_pipeline, create_app
@@ -28,3 +30,12 @@ def test_the_torch_engine_cannot_be_served():
     done = subprocess.run([sys.executable, "-m", "service.cli", "serve", "--port", "1"], env=env, check=False,
                           capture_output=True, text=True, timeout=120)
     assert done.returncode != 0 and "FACESET_ENGINE must be one of onnxruntime, tensorrt, not 'torch'" in done.stderr
+
+
+def test_a_base_install_has_the_serve_subcommand(monkeypatch):
+    """No faceset.commands plugin installed (pip install . alone): `faceset serve` is still a subcommand."""
+    import service.cli
+
+    monkeypatch.setattr(service.cli, "entry_points", lambda group: [])
+    result = CliRunner().invoke(service.cli.build_app(), ["serve", "--help"])
+    assert result.exit_code == 0 and "--port" in result.output, result.output
