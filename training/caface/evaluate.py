@@ -7,7 +7,7 @@
 Each --features file (all its identities) and each --subset file (only the identities listed) is one
 evaluation set. Every identity with 2+ images gives two disjoint templates (its images
 at even and odd positions, training.caface.sets.build_templates); all template pairs are scored
-(cosine of the fused features), TAR at each FAR whose FAR·impostors ≥ 1 (training.eval.templates).
+(cosine of the fused features), TAR at each FAR whose FAR·impostors ≥ 1 (training.eval.set_verification).
 Conditions (training.caface.sets.CONDITIONS): "clean" (every image clean), "mixed" (every image clean
 and as its 4 poor frames: 1 good frame in 5), "one_good" (one clean image per template, every image
 as its 4 poor frames), "mixed_KIND" (every image clean and as its KIND frame only). The "clean-only mean" row fuses only the template's clean frames: an oracle
@@ -23,14 +23,14 @@ import numpy as np
 
 from engines.fusion import FusionModel
 from training.caface.sets import CONDITIONS, Features, build_templates
-from training.eval.templates import FUSIONS, template_tar_at_far
+from training.eval.set_verification import FUSIONS, template_tar_at_far
 
 FARS = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
 Fuser = Callable[[np.ndarray, np.ndarray, np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]
 
 
 def baseline(name: str) -> Fuser:
-    """A training.eval.templates fusion of each template's frames: (fused (T, D), quality (T,) NaN)."""
+    """A training.eval.set_verification fusion of each template's frames: (fused (T, D), quality (T,) NaN)."""
     fusion = FUSIONS.get(name)
 
     def fuse(raw, style, index, variants):

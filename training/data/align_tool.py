@@ -24,6 +24,7 @@ person, where a bystander can be about as big).
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -188,18 +189,15 @@ def align_one(job: AlignJob, rel: Path, detector: FaceDetector) -> dict:
 
 # --- worker processes -----------------------------------------------------------------------
 
-_worker: dict = {}
+WORKER_CHUNK = 32  # images per worker task: one detector build is worth that many images
 
 
-def _init_worker(job: AlignJob, detector_name: str, detector_kwargs: dict, threads: int) -> None:
-    # each process builds its own detector: ONNX Runtime sessions do not pickle or fork safely
+def _align_chunk(job: AlignJob, detector_name: str, detector_kwargs: dict, threads: int,
+                 rels: Sequence[Path]) -> list[dict]:
+    # each task builds its own detector: ONNX Runtime sessions do not pickle or fork safely
     cv2.setNumThreads(threads)
-    _worker["job"] = job
-    _worker["detector"] = build_detector(detector_name, **detector_kwargs)
-
-
-def _align_in_worker(rel: Path) -> dict:
-    return align_one(_worker["job"], rel, _worker["detector"])
+    detector = build_detector(detector_name, **detector_kwargs)
+    return [align_one(job, rel, detector) for rel in rels]
 
 
 def run_records(job: AlignJob, todo: Sequence[Path], detector: FaceDetector | str, detector_kwargs: dict,
@@ -211,8 +209,11 @@ def run_records(job: AlignJob, todo: Sequence[Path], detector: FaceDetector | st
         return
     # spawn: a fresh interpreter per worker, nothing inherited from the parent's threads
     context = multiprocessing.get_context("spawn")
-    with context.Pool(workers, _init_worker, (job, detector, detector_kwargs, threads)) as pool:
-        yield from pool.imap_unordered(_align_in_worker, todo, chunksize=8)
+    chunks = [todo[i : i + WORKER_CHUNK] for i in range(0, len(todo), WORKER_CHUNK)]
+    task = functools.partial(_align_chunk, job, detector, detector_kwargs, threads)
+    with context.Pool(workers) as pool:
+        for records in pool.imap_unordered(task, chunks):
+            yield from records
 
 
 # --- the folder -----------------------------------------------------------------------------

@@ -7,7 +7,7 @@ pickles cleanly into DataLoader workers and works with DistributedSampler.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable, Mapping, Sequence
 
 import torch
 from torch.utils.data import Dataset
@@ -31,14 +31,15 @@ def list_identities(root: Path) -> dict[str, list[Path]]:
 
 
 def select_identities(
-    found: dict[str, list[Path]],
+    counts: Mapping[str, int],
     min_images_per_class: int = 1,
     max_classes: int | None = None,
     exclude: Iterable[str] = (),
 ) -> list[str]:
-    """Identity names kept, in sorted order: enough images, not excluded, at most max_classes."""
+    """The identities (name -> image count, in label order) kept: enough images, not excluded, at most
+    max_classes, in their given order. The one filter of every dataset kind."""
     excluded = set(exclude)
-    kept = [name for name in sorted(found) if name not in excluded and len(found[name]) >= min_images_per_class]
+    kept = [name for name, n in counts.items() if name not in excluded and n >= min_images_per_class]
     return kept if max_classes is None else kept[:max_classes]
 
 
@@ -71,7 +72,8 @@ class FolderFaceDataset(Dataset):
         self.preprocess = Preprocess(size, crop)
         self.transform = transform
         found = list_identities(self.root)
-        self.classes = select_identities(found, min_images_per_class, max_classes, exclude)
+        self.classes = select_identities({name: len(found[name]) for name in sorted(found)}, min_images_per_class,
+                                         max_classes, exclude)
         if not self.classes:
             raise ValueError(f"no identity in {self.root} passes the filters (min_images_per_class={min_images_per_class})")
         self.class_to_label = {name: label for label, name in enumerate(self.classes)}

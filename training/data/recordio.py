@@ -324,7 +324,7 @@ class RecordFaceDataset(Dataset):
         self.image_keys, self.identity_range = self._read_layout()
         self._stored: list[int] | None = None  # stored label of every image, read on demand
         exclude = set(exclude)
-        if min_images_per_class > 1 or max_classes is not None or exclude:  # else no header scan
+        if min_images_per_class > 1 or max_classes is not None or exclude:
             self._select(min_images_per_class, max_classes, exclude)
         else:
             self._label_map = None  # stored labels are used as they are

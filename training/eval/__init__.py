@@ -1,4 +1,4 @@
-"""Evaluation on embeddings from any engine: pairs (LFW View 2), templates (IJB TAR@FAR), quality (MagFace ERC), plots.
+"""Evaluation on embeddings from any engine: pairs (LFW View 2), set-to-set verification (IJB TAR@FAR), quality (MagFace ERC), plots.
 
 numpy only, never torch, so training and the service-side ``faceset eval`` share it; the plots
 import matplotlib when called.
@@ -30,7 +30,7 @@ from training.eval.quality import (
     magnitudes,
     pair_quality,
 )
-from training.eval.templates import FUSIONS, IJB_FARS, fuse, template_scores, template_tar_at_far
+from training.eval.set_verification import FUSIONS, IJB_FARS, fuse, template_scores, template_tar_at_far
 
 __all__ = [
     "DEFAULT_FARS",

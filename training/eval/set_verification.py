@@ -1,4 +1,4 @@
-"""Template verification, IJB-B/C style: fuse a set of images into one feature, TAR at FAR over template pairs.
+"""Set-to-set verification, IJB-B/C style: fuse a set of images into one feature, TAR at FAR over template pairs.
 
 A template is a set of images of one subject fused into one (D,) feature; the score of a template
 pair is the cosine of the two fused features. TAR is reported at FAR 1e-6 … 1e-1 with the

@@ -86,20 +86,10 @@ class MagFaceLoss(MarginSoftmaxLoss):
 class MagCosFaceLoss(MagFaceLoss):
     """CosFace form with the magnitude-aware margin: target logit s·(cos θ_y − m(a)), same regulariser.
 
-    The defaults are MagFace's angular ones; a cosine margin of 0.45–0.8 is harsher than CosFace's
-    usual 0.35–0.4, so configs will usually lower l_m/u_m.
+    Parameters and defaults are MagFace's (its angular ones: a cosine margin of 0.45–0.8 is harsher
+    than CosFace's usual 0.35–0.4, so configs will usually lower l_m/u_m). ``easy_margin`` has no
+    effect: cos θ_y − m is monotonic in θ_y everywhere and needs no fallback.
     """
-
-    def __init__(
-        self,
-        scale: float = 64.0,
-        l_a: float = 10.0,
-        u_a: float = 110.0,
-        l_m: float = 0.45,
-        u_m: float = 0.8,
-        lambda_g: float = 35.0,
-    ) -> None:
-        super().__init__(scale, l_a, u_a, l_m, u_m, lambda_g, easy_margin=False)
 
     def apply_margin(self, cos_y: torch.Tensor, margin: torch.Tensor) -> torch.Tensor:
         return cos_y - margin

@@ -3,7 +3,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from training.eval.templates import IJB_FARS, fuse, magnitude_weighted, mean_of_normalised, template_scores, template_tar_at_far
+from training.eval.set_verification import IJB_FARS, fuse, magnitude_weighted, mean_of_normalised, template_scores, template_tar_at_far
 
 
 def test_fusions_known_values():
