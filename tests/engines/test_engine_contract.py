@@ -35,7 +35,8 @@ def test_every_registered_runtime_is_checked_here():
     assert set(BUILDERS) == set(RUNTIME_MODULES)
 
 
-@pytest.fixture(scope="module", params=sorted(BUILDERS))
+@pytest.fixture(scope="module", params=[pytest.param(name, marks=pytest.mark.gpu) if name == "tensorrt" else name
+                                        for name in sorted(BUILDERS)])
 def engine(request, tiny_model, tmp_path_factory) -> Engine:  # noqa: F811
     return BUILDERS[request.param](tiny_model, tmp_path_factory.mktemp(request.param))
 

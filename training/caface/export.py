@@ -130,7 +130,7 @@ def card_data(ck: dict, recognition: ModelCard, name: str, version: str, command
                         "onnx_sha256": recognition.files.onnx.sha256,
                         "style_channels": list(recognition.outputs.style_channels or []),
                         "tta": ("flip TTA as the recognition card says: raw embedding f(x) + f(mirror x), style "
-                                "(σ(x) + σ(mirror x))/2 (engines.fusion.style_with_tta)"
+                                "(σ(x) + σ(mirror x))/2 (engines.base.merge_tta)"
                                 if recognition.flip_tta else "no TTA")},
         "quality": {"low": low, "high": high, "evidence_frames": arch["evidence_frames"],
                     "frame_quality_range": list(arch["frame_quality_range"])},
