@@ -99,8 +99,6 @@ class EmbeddedRedis:
         self.process = None
 
 
-# per file kind: the command that rewrites it and the INFO field of its outcome
-REWRITES = {"aof": ("BGREWRITEAOF", "aof_last_bgrewrite_status"), "rdb": ("BGSAVE", "rdb_last_bgsave_status")}
 BUSY = ("aof_rewrite_in_progress", "aof_rewrite_scheduled", "rdb_bgsave_in_progress")  # INFO: a child runs or waits
 
 
@@ -121,7 +119,7 @@ class FileEraser:
         self.client, self.prefix, self.interval = client, prefix, interval
         self._pending = asyncio.Event()
         self._last = -interval
-        self._warned = False
+        self._warned = self._running = False
         self._task: asyncio.Task | None = None
 
     def erased(self) -> None:
@@ -138,7 +136,7 @@ class FileEraser:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
             self._task = None
-        if self._pending.is_set():
+        if self._pending.is_set() or self._running:  # owed, or cut short by the cancel
             self._pending.clear()
             try:
                 await asyncio.wait_for(self._round(), timeout)
@@ -152,41 +150,45 @@ class FileEraser:
             await asyncio.sleep(max(0.0, self._last + self.interval - time.monotonic()))
             self._pending.clear()
             self._last = time.monotonic()
+            self._running = True
             await self._round()
+            self._running = False
 
     async def _round(self) -> None:
         try:
             await self.rewrite()
-        except ResponseError as exc:  # refused: renamed, denied by an ACL, or the rewrite failed
+        except ResponseError as exc:  # refused: renamed or denied by an ACL
             if not self._warned:
                 log.warning("Redis refused to rewrite its files (%s): deleted data stays in them until Redis "
                             "rewrites them on its own; allow BGREWRITEAOF, BGSAVE, CONFIG GET, INFO and SLOWLOG "
                             "(README, Erasure)", exc)
                 self._warned = True
-        except (RedisError, OSError) as exc:  # Redis away: try again next round
-            log.warning("could not rewrite Redis's files (%s); retrying", type(exc).__name__)
+        except (RedisError, OSError) as exc:  # Redis away or the rewrite failed: try again next round
+            log.warning("could not rewrite Redis's files (%s: %s); retrying", type(exc).__name__, exc)
             self._pending.set()
 
     async def rewrite(self) -> None:
         """One round: every kind of file Redis keeps rewritten after now, the slow log cleared of our commands."""
-        kinds = ["aof"] if (await self.client.info("persistence"))["aof_enabled"] else []
-        if (await self.client.config_get("save")).get("save"):
-            kinds.append("rdb")
-        for kind in kinds:
-            command, status = REWRITES[kind]
-            while True:
-                await self._idle()
-                try:
-                    await self.client.execute_command(command)
-                    break
-                except ResponseError as exc:  # another rewrite started in between: wait for it too
-                    if "in progress" not in str(exc) and "child process" not in str(exc):
-                        raise
-            await self._idle()
-            if (outcome := (await self.client.info("persistence"))[status]) != "ok":
-                raise ResponseError(f"{command} ended with status {outcome}")
+        if (await self.client.info("persistence"))["aof_enabled"]:
+            await self._rewrite("BGREWRITEAOF", "aof_last_bgrewrite_status")
+        if (await self.client.config_get("save")).get("save"):  # RDB snapshots are configured
+            await self._rewrite("BGSAVE", "rdb_last_bgsave_status")
         if any(self.prefix.encode() in e["command"] for e in await self.client.slowlog_get(-1)):
             await self.client.slowlog_reset()
+
+    async def _rewrite(self, command: str, status: str) -> None:
+        """Runs `command` after any rewrite under way and waits for it; `status` is its outcome in INFO."""
+        while True:
+            await self._idle()
+            try:
+                await self.client.execute_command(command)
+                break
+            except ResponseError as exc:  # another rewrite started in between: wait for it too
+                if "in progress" not in str(exc) and "child process" not in str(exc):
+                    raise
+        await self._idle()
+        if (outcome := (await self.client.info("persistence"))[status]) != "ok":
+            raise RedisError(f"{command} ended with status {outcome}")  # e.g. a full disk: retried
 
     async def _idle(self) -> None:
         while True:
