@@ -172,14 +172,19 @@ def test_corrupted_onnx_fails_the_sha_check(exported, tmp_path):
         ModelCard.load(folder)
 
 
+def check_resealed(exported: ModelCard, backbone_pt: Path, onnx_path: Path, faces: int):
+    """check_parity of a tampered ONNX under a card resealed to its sha256, so only parity can catch it."""
+    card = exported.model_copy(deep=True).set_root(onnx_path.parent)
+    card.files.onnx.sha256 = sha256_file(onnx_path)
+    pixels = np.random.default_rng(3).integers(0, 256, size=(faces, 112, 112, 3), dtype=np.uint8)
+    return check_parity(load_backbone(backbone_pt).model, card, pixels, "random")
+
+
 def test_corrupted_onnx_fails_parity(exported, backbone_pt, tmp_path):
     """Even with a card resealed to its sha256, a graph computing something else is caught by parity."""
     perturb_weights(exported.onnx_path, tmp_path / "tiny.onnx")
-    card = exported.model_copy(deep=True).set_root(tmp_path)
-    card.files.onnx.sha256 = sha256_file(tmp_path / "tiny.onnx")
-    faces = np.random.default_rng(3).integers(0, 256, size=(6, 112, 112, 3), dtype=np.uint8)
     with pytest.raises(ParityError, match="min cosine"):
-        check_parity(load_backbone(backbone_pt).model, card, faces, "random")
+        check_resealed(exported, backbone_pt, tmp_path / "tiny.onnx", faces=6)
 
 
 def test_nan_output_fails_parity(exported, backbone_pt, tmp_path):
@@ -189,11 +194,8 @@ def test_nan_output_fails_parity(exported, backbone_pt, tmp_path):
     values.flat[0] = np.nan
     biggest.CopyFrom(numpy_helper.from_array(values, biggest.name))
     onnx.save(graph, str(tmp_path / "tiny.onnx"))
-    card = exported.model_copy(deep=True).set_root(tmp_path)
-    card.files.onnx.sha256 = sha256_file(tmp_path / "tiny.onnx")
-    faces = np.random.default_rng(3).integers(0, 256, size=(3, 112, 112, 3), dtype=np.uint8)
     with pytest.raises(ParityError, match="nan"):
-        check_parity(load_backbone(backbone_pt).model, card, faces, "random")
+        check_resealed(exported, backbone_pt, tmp_path / "tiny.onnx", faces=3)
 
 
 def test_failed_parity_leaves_no_files(backbone_pt, tmp_path, monkeypatch):
