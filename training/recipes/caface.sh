@@ -5,7 +5,7 @@
 #   fusion network (backbone frozen), export its two ONNX graphs with a parity check, and evaluate
 #   template-to-template verification on identities never trained on (benchmarks/RESULTS.md).
 # Usage: training/recipes/caface.sh [OUT]   (repository root, venv with faceset-train installed)
-# Resumable: alignment, features (by chunk) and training (checkpoint.pt) skip work already done.
+# Resumable: alignment, features (by chunk) and training (runs/NAME/step-N/ checkpoints) skip work already done.
 # ~25 min of features and ~6 min of training on 2 CPU cores.
 set -euo pipefail
 DATA=${FACESET_DATA_DIR:-../shared/data}
