@@ -11,6 +11,7 @@ from engines.base import build_engine
 from engines.detection import build_detector
 from engines.model_card import ModelCard, threshold_at
 from engines.pipeline import FacePipeline
+from tests.helpers import lfw_pairs
 
 DEFAULT = Path(__file__).resolve().parents[2] / "models" / "default"
 
@@ -23,13 +24,6 @@ def pipeline() -> FacePipeline:
 
 def _photo(data_dir: Path, name: str, n: int) -> np.ndarray:
     return np.asarray(Image.open(data_dir / "lfw-dev" / "images" / f"{name}_{n:04d}.jpg").convert("RGB"))
-
-
-def _pairs(data_dir: Path, same: bool, k: int) -> list[tuple[str, int, str, int]]:
-    lines = (data_dir / "lfw-dev" / "pairs.txt").read_text().splitlines()[1:]
-    rows = [line.split("\t") for line in lines]
-    rows = [r for r in rows if (len(r) == 3) == same][:k]
-    return [(r[0], int(r[1]), r[0], int(r[2])) if same else (r[0], int(r[1]), r[2], int(r[3])) for r in rows]
 
 
 def test_default_card_is_complete():
@@ -45,7 +39,7 @@ def test_same_people_match_and_different_people_do_not(pipeline, data_dir):
     t = threshold_at(pipeline.card, 1e-2)
     correct = 0
     for same in (True, False):
-        for a, i, b, j in _pairs(data_dir, same, 25):
+        for a, i, b, j in lfw_pairs(data_dir, same, 25):
             fa, fb = pipeline.run([_photo(data_dir, a, i), _photo(data_dir, b, j)], max_faces=1)
             assert fa and fb, f"no face in {a}_{i} or {b}_{j}"
             correct += (float(fa[0].embedding @ fb[0].embedding) >= t) == same
@@ -82,7 +76,7 @@ def test_magnitude_falls_when_the_face_is_degraded(pipeline, data_dir):
 
 @pytest.mark.data
 def test_a_face_alone_equals_the_face_in_a_batch(pipeline, data_dir):
-    photos = [_photo(data_dir, a, i) for a, i, _, _ in _pairs(data_dir, True, 6)]
+    photos = [_photo(data_dir, a, i) for a, i, _, _ in lfw_pairs(data_dir, True, 6)]
     together = pipeline.run(photos, max_faces=1)
     for photo, faces in zip(photos, together):
         (alone,) = pipeline.run([photo], max_faces=1)[0]

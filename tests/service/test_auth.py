@@ -9,7 +9,7 @@ from pydantic import SecretStr
 
 from service.app import create_app
 from service.auth import key_matches
-from tests.service.conftest import drop_keys, make_settings
+from tests.helpers import drop_keys, make_settings
 
 BODY = {"a": {"embedding": [1.0] * 128}, "b": {"embedding": [1.0] * 128}}
 

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from service.faces import probe_image
-from tests.service.conftest import lfw_pairs, photo
+from tests.helpers import lfw_pairs, photo
 
 pytestmark = pytest.mark.data
 

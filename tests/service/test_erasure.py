@@ -19,7 +19,7 @@ from fastapi.testclient import TestClient
 
 from service.app import create_app
 from service.redis_store import FileEraser
-from tests.service.conftest import make_settings
+from tests.helpers import make_settings
 
 INTERVAL = 0.5  # FACESET_ERASURE_INTERVAL_S for these apps
 BOUND = INTERVAL + 10.0  # the interval plus two rewrites of a tiny data set, generously

@@ -10,7 +10,7 @@ from PIL import Image
 
 from service.app import create_app
 from service.errors import STATUS, ServiceError
-from tests.service.conftest import drop_keys, make_settings
+from tests.helpers import drop_keys, make_settings
 
 pytestmark = pytest.mark.usefixtures("redis_available")
 

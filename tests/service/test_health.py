@@ -12,7 +12,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from service.app import create_app
 from service.faces import probe_image
 from service.redis_store import EmbeddedRedis
-from tests.service.conftest import make_settings
+from tests.helpers import make_settings
 
 
 def _samples(client) -> dict[tuple, float]:

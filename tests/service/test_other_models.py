@@ -9,7 +9,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from service.app import create_app
-from tests.service.conftest import drop_keys, make_settings
+from tests.helpers import drop_keys, make_settings
 
 
 @pytest.fixture(scope="module")

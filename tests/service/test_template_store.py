@@ -10,7 +10,7 @@ import redis.asyncio as aioredis
 
 from service.errors import Conflict, NotFound
 from service.template_store import TemplateStore
-from tests.service.conftest import REDIS_URL
+from tests.helpers import REDIS_URL
 
 L = 580  # M = 4 clusters × (128 feature + 16 style + 1 count), as the default fusion model
 

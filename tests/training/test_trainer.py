@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-import socket
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +10,7 @@ import torch
 import torch.multiprocessing as mp
 from PIL import Image
 
+from tests.helpers import free_port
 from training.config import load_config
 from training.metrics_log import read_metrics
 from training.models import build_backbone
@@ -93,12 +93,6 @@ def test_resume_continues_exactly(tmp_path):
         assert torch.allclose(a[k].float(), b[k].float(), atol=1e-5), k
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _ddp_worker(rank: int, world: int, port: int, cfg, run_dir: Path, settings, dtype) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
     torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
@@ -122,7 +116,7 @@ def test_two_process_ddp_matches_one_process(tmp_path, loss):
         _train(tiny_config(data, 16, 3, extra), tmp_path / "single", settings, dtype=torch.float64)
     finally:
         torch.set_default_dtype(torch.float32)
-    mp.spawn(_ddp_worker, args=(2, _free_port(), tiny_config(data, 8, 3, extra), tmp_path / "ddp", settings, torch.float64), nprocs=2, join=True)
+    mp.spawn(_ddp_worker, args=(2, free_port(), tiny_config(data, 8, 3, extra), tmp_path / "ddp", settings, torch.float64), nprocs=2, join=True)
     single, ddp = _losses(tmp_path / "single"), _losses(tmp_path / "ddp")
     assert len(single) == len(ddp) == 3
     assert single[0] != single[-1], "training did not move"
