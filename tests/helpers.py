@@ -1,35 +1,21 @@
 """Plain functions shared by test modules; fixtures live in the conftest.py files."""
 from __future__ import annotations
 
-import importlib.util
 import socket
 import uuid
 from pathlib import Path
 
-import numpy as np
 import redis
 
 from service.settings import Settings
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
-TINY_EMBEDDING_SIZE = 64  # the `tiny_model` fixture's (tests/engines/conftest.py)
 
 
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Row-wise cosine of two (N, D) arrays, in float64."""
-    a, b = a.astype(np.float64), b.astype(np.float64)
-    return (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
-
-
-def faces(n: int, seed: int = 1) -> np.ndarray:
-    """(N, 112, 112, 3) uint8 random pixels: stand-in aligned faces."""
-    return np.random.default_rng(seed).integers(0, 256, size=(n, 112, 112, 3), dtype=np.uint8)
 
 
 def lfw_pairs(data_dir: Path, same: bool, k: int) -> list[tuple[str, int, str, int]]:
@@ -41,20 +27,6 @@ def lfw_pairs(data_dir: Path, same: bool, k: int) -> list[tuple[str, int, str, i
 
 def photo(lfw: Path, name: str, n: int = 1) -> bytes:
     return (lfw / f"{name}_{n:04d}.jpg").read_bytes()
-
-
-def gpu_skip_reason() -> str | None:
-    """Why the TensorRT runtime cannot run here, or None where it can."""
-    for module in ("tensorrt", "cuda"):
-        if importlib.util.find_spec(module) is None:
-            return f"{module} is not installed (the TensorRT runtime needs tensorrt 10 and cuda-python)"
-    from engines.tensorrt_engine import _cudart
-
-    try:
-        err, count = _cudart().cudaGetDeviceCount()
-    except Exception as exc:  # a missing driver raises from inside cuda-python's loader
-        return f"no CUDA driver: {exc}"
-    return None if int(err) == 0 and count > 0 else "no CUDA device"
 
 
 def make_settings(**overrides) -> Settings:
