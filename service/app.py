@@ -2,7 +2,8 @@
 
 Start-up loads the model card, the detector and the recognition engine, starts the dynamic
 batcher, connects to Redis (or starts the embedded one) and runs the readiness self-test once,
-so a broken model fails the start, not the first request. The process never imports torch.
+so a broken model fails the start, not the first request; /readyz then reports the same test rerun
+on a schedule. The process never imports torch.
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from service import errors
 from service.faces import FaceService
 from service.gallery import GalleryService
 from service.gallery_store import GalleryStore
+from service.health import HealthMonitor
 from service.limits import BodySizeLimit
 from service.metrics import Metrics, MetricsMiddleware
 from service.redis_store import EmbeddedRedis, FileEraser, connect
@@ -91,15 +93,20 @@ async def lifespan(app: FastAPI):
     state.gallery = GalleryService(state.faces, galleries, state.templates)
     card = pipeline.card
     state.metrics.model.info({"name": card.name, "version": card.version, "engine": pipeline.engine.name})
+    state.health = HealthMonitor(state.faces, state.redis, settings.self_test_interval_s,
+                                 settings.readiness_redis_ttl_s)
     state.eraser.start()
     follower = asyncio.create_task(state.gallery.follow(settings.erasure_interval_s))
     try:
-        log.info("self-test: %s", await state.faces.self_test())
+        passed = await state.faces.self_test()  # raises: a broken model fails the start
+        log.info("self-test: %s", passed)
+        state.health.start(passed)
         log.info("serving %s %s on %s", card.name, card.version, pipeline.engine.name)
         yield
     finally:
         follower.cancel()
         await state.eraser.stop()
+        await state.health.stop()
         await state.batcher.stop()
         await state.redis.aclose()
         if state.embedded_redis is not None:

@@ -1,12 +1,21 @@
-"""Readiness: every part the service needs answers a real request, each within a deadline."""
+"""Readiness without amplification: /readyz reports results, it never runs inference itself.
+
+The model self-test (a real detection and recognition inference) runs in a background task every
+`interval_s`, and again `retry_s` after a failure so a recovered engine is seen soon. The Redis
+PING is cheap but still bounded: its answer is reused for `redis_ttl_s`, and concurrent callers
+share one PING. Every check has a deadline.
+"""
 from __future__ import annotations
 
 import asyncio
+import logging
+import time
 
 from service.redis_store import ping
 from service.schemas import Check, Readiness
 
 TIMEOUT_S = 5.0
+log = logging.getLogger(__name__)
 
 
 async def _check(coro) -> Check:
@@ -18,7 +27,42 @@ async def _check(coro) -> Check:
         return Check(ok=False, detail=f"{type(exc).__name__}: {exc}"[:300])
 
 
-async def readiness(state) -> Readiness:
-    model, redis = await asyncio.gather(_check(state.faces.self_test()), _check(ping(state.redis)))
-    checks = {"model": model, "redis": redis}
-    return Readiness(ready=all(c.ok for c in checks.values()), checks=checks)
+class HealthMonitor:
+    def __init__(self, faces, redis, interval_s: float, redis_ttl_s: float, retry_s: float = 1.0) -> None:
+        self.faces, self.redis = faces, redis
+        self.interval_s, self.redis_ttl_s, self.retry_s = interval_s, redis_ttl_s, min(retry_s, interval_s)
+        self.model = Check(ok=False, detail="self-test not run yet")
+        self._redis: tuple[float, Check] | None = None
+        self._redis_lock = asyncio.Lock()
+        self._task: asyncio.Task | None = None
+
+    async def self_test(self) -> Check:
+        self.model = await _check(self.faces.self_test())
+        if not self.model.ok:
+            log.warning("self-test failed: %s", self.model.detail)
+        return self.model
+
+    def start(self, passed: str) -> None:
+        """Schedule the self-test, starting from the one start-up ran (its detail `passed`)."""
+        self.model = Check(ok=True, detail=passed)
+        self._task = asyncio.create_task(self._schedule(), name="faceset-self-test")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+    async def _schedule(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval_s if self.model.ok else self.retry_s)
+            await self.self_test()
+
+    async def _redis_check(self) -> Check:
+        async with self._redis_lock:  # one PING at a time; callers behind it reuse its answer
+            if self._redis is None or time.monotonic() - self._redis[0] >= self.redis_ttl_s:
+                self._redis = (time.monotonic(), await _check(ping(self.redis)))
+            return self._redis[1]
+
+    async def readiness(self) -> Readiness:
+        checks = {"model": self.model, "redis": await self._redis_check()}
+        return Readiness(ready=all(c.ok for c in checks.values()), checks=checks)

@@ -97,6 +97,15 @@ class Settings(BaseSettings):
     max_concurrent_requests: int = Field(
         default=64, ge=1,
         description="Face requests served at once; more get 429 at once instead of queueing without bound.")
+    self_test_interval_s: float = Field(
+        default=10.0, gt=0, le=3600,
+        description="Seconds between the background self-tests (one real inference each) that /readyz reports; "
+                    "after a failure it reruns within 1 s. Shorter: a broken engine is seen sooner, at the cost "
+                    "of an inference per interval.")
+    readiness_redis_ttl_s: float = Field(
+        default=1.0, ge=0, le=60,
+        description="Seconds /readyz reuses its last Redis PING. Longer: fewer PINGs however often /readyz is "
+                    "called, but Redis going or coming back is seen that much later.")
     erasure_interval_s: float = Field(
         default=60.0, gt=0, le=3600,
         description="Bound on how long deleted identities and templates linger: after deletions Redis's files are "

@@ -7,8 +7,6 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from service.health import readiness
-
 router = APIRouter()
 
 
@@ -17,10 +15,10 @@ async def healthz() -> dict:
     return {"status": "ok"}
 
 
-@router.get("/readyz", summary="Readiness: models answer a real inference and Redis answers",
+@router.get("/readyz", summary="Readiness: the last scheduled self-test passed and Redis answers",
             responses={503: {"description": "Not ready; `checks` says which part failed"}})
 async def readyz(request: Request) -> JSONResponse:
-    report = await readiness(request.app.state)
+    report = await request.app.state.health.readiness()
     body = report.model_dump()
     if not report.ready:
         failed = ", ".join(f"{name}: {c.detail}" for name, c in report.checks.items() if not c.ok)

@@ -1,8 +1,9 @@
-"""Liveness, readiness (real inference + real Redis), Prometheus metrics and the embedded Redis."""
+"""Liveness, readiness (scheduled real inference + real Redis), Prometheus metrics and the embedded Redis."""
 from __future__ import annotations
 
 import os
 import shutil
+import time
 
 import pytest
 import redis
@@ -28,6 +29,16 @@ def _value(samples, metric, **labels) -> float:
     return samples.get((metric, tuple(sorted(labels.items()))), 0.0)
 
 
+def readyz_within(client, status: int, bound_s: float):
+    """/readyz reports scheduled checks: poll it (bounded) until it answers `status`."""
+    deadline = time.monotonic() + bound_s
+    while True:
+        r = client.get("/readyz")
+        if r.status_code == status or time.monotonic() > deadline:
+            return r
+        time.sleep(0.05)
+
+
 def test_live_and_ready(client):
     assert client.get("/healthz").json() == {"status": "ok"}
     ready = client.get("/readyz")
@@ -48,15 +59,16 @@ def test_redis_down_makes_readiness_503_and_liveness_stays(redis_available):
         assert c.get("/healthz").status_code == 200
 
 
-def test_a_broken_engine_makes_readiness_503(client, monkeypatch):
-    def garbage(batch):
-        raise RuntimeError("device lost")
+def test_a_broken_engine_makes_readiness_503_within_the_schedule_and_recovers(redis_available, monkeypatch):
+    with TestClient(create_app(make_settings(self_test_interval_s=0.2))) as c:
+        def garbage(batch):
+            raise RuntimeError("device lost")
 
-    monkeypatch.setattr(client.app.state.batcher.engine, "embed", garbage)
-    body = client.get("/readyz").json()
-    assert body["ready"] is False and "device lost" in body["checks"]["model"]["detail"]
-    monkeypatch.undo()
-    assert client.get("/readyz").status_code == 200
+        monkeypatch.setattr(c.app.state.batcher.engine, "run", garbage)
+        body = readyz_within(c, 503, bound_s=0.2 + 2).json()
+        assert body["ready"] is False and "device lost" in body["checks"]["model"]["detail"]
+        monkeypatch.undo()
+        assert readyz_within(c, 200, bound_s=1 + 2).status_code == 200  # reruns within 1 s of a failure
 
 
 def test_metrics_count_requests_faces_batches_and_quality(client, data_dir):
@@ -141,12 +153,12 @@ def test_redis_dying_and_coming_back(tmp_path):
                 pytest.skip(f"templates are off: {c.app.state.templates_off}")
             assert c.get("/readyz").status_code == 200
             server.stop()
-            assert c.get("/readyz").status_code == 503
+            assert readyz_within(c, 503, settings.readiness_redis_ttl_s + 1).status_code == 503
             down = c.get("/templates/anyone")
             assert down.status_code == 503 and down.json()["error"]["code"] == "unavailable"
             assert c.post("/verify", json={"a": {"embedding": [1.0] * 128}, "b": {"embedding": [1.0] * 128}}).status_code == 200
             server.start()
-            assert c.get("/readyz").status_code == 200
+            assert readyz_within(c, 200, settings.readiness_redis_ttl_s + 1).status_code == 200
             assert c.get("/templates/anyone").status_code == 404  # Redis answers again: an unknown template
     finally:
         server.stop()
