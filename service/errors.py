@@ -15,6 +15,7 @@ from fastapi.responses import JSONResponse
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +78,16 @@ class Unavailable(ServiceError):
     code = "unavailable"
 
 
+class RequestTimeout(ServiceError):
+    code = "request_timeout"
+
+
+class ClientClosed(ServiceError):
+    """The client hung up before its request was read: its doing, not a server error (nginx's 499)."""
+
+    code = "client_closed"
+
+
 STATUS: dict[type[ServiceError], int] = {
     BadRequest: 400,
     Unauthorized: 401,
@@ -90,6 +101,8 @@ STATUS: dict[type[ServiceError], int] = {
     NoFace: 422,
     Overloaded: 429,
     Unavailable: 503,
+    RequestTimeout: 408,
+    ClientClosed: 499,
     ServiceError: 500,
 }
 
@@ -142,6 +155,12 @@ def install(app: FastAPI) -> None:
         log.warning("redis unreachable on %s %s: %s", request.method, request.url.path, type(exc).__name__)
         return _answer(request, 503, Unavailable.code, "the template store (Redis) is unreachable; retry later",
                        {"Retry-After": "5"})
+
+    @app.exception_handler(ClientDisconnect)
+    async def _client_closed(request: Request, exc: ClientDisconnect) -> JSONResponse:
+        # one line, no traceback: a hang-up must be neither a false 5xx alert nor a way to flood the logs
+        log.info("client closed the connection during %s %s", request.method, request.url.path)
+        return _answer(request, STATUS[ClientClosed], ClientClosed.code, "the client closed the connection")
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
