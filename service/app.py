@@ -25,7 +25,7 @@ from service.faces import FaceService
 from service.gallery import GalleryService
 from service.gallery_store import GalleryStore
 from service.health import HealthMonitor
-from service.limits import BodySizeLimit
+from service.limits import RequestBody
 from service.metrics import Metrics, MetricsMiddleware
 from service.redis_store import EmbeddedRedis, FileEraser, connect
 from service.routes import docs, openapi
@@ -128,7 +128,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(gallery_routes.router)
     openapi.install(app)
     docs.install(app)
-    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(RequestBody, max_bytes=settings.max_body_bytes, timeout_s=settings.body_timeout_s)
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)  # outermost: sees every status
     return app
 

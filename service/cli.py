@@ -31,12 +31,13 @@ def serve(
     import uvicorn
 
     from service.app import create_app
+    from service.limits import server_options
     from service.settings import get_settings
 
     settings = get_settings()
     logging.basicConfig(level=settings.log_level_number, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     uvicorn.run(create_app(settings), host=host, port=port, log_level=settings.log_level, proxy_headers=True,
-                server_header=False, timeout_graceful_shutdown=30)
+                server_header=False, timeout_graceful_shutdown=30, **server_options(settings))
 
 
 def build_app() -> typer.Typer:

@@ -97,6 +97,15 @@ class Settings(BaseSettings):
     max_concurrent_requests: int = Field(
         default=64, ge=1,
         description="Face requests served at once; more get 429 at once instead of queueing without bound.")
+    body_timeout_s: float = Field(
+        default=60.0, gt=0, le=3600,
+        description="Deadline for receiving a request's body (408 beyond); the body is read before the request "
+                    "counts against max_concurrent_requests. Longer serves slower uploads (20 MiB at 4 Mbit/s "
+                    "takes 40 s); shorter frees a slow client's connection and buffer sooner.")
+    header_timeout_s: float = Field(
+        default=10.0, gt=0, le=600,
+        description="Deadline for a request's headers, from the connection or the previous response; the "
+                    "connection is closed beyond it. Shorter drops slow-header clients (Slowloris) sooner.")
     self_test_interval_s: float = Field(
         default=10.0, gt=0, le=3600,
         description="Seconds between the background self-tests (one real inference each) that /readyz reports; "

@@ -1,10 +1,13 @@
 """Hostile clients against a real uvicorn server on loopback (issue 11): what a test client cannot show."""
 from __future__ import annotations
 
+import json
 import logging
 import socket
 import threading
 import time
+import urllib.error
+import urllib.request
 
 import httpx
 import pytest
@@ -12,17 +15,21 @@ import uvicorn
 from prometheus_client.parser import text_string_to_metric_families
 
 from service.app import create_app
+from service.limits import server_options
 from tests.helpers import drop_keys, free_port, make_settings
 
 MAX_BODY = 2 * 1024 * 1024
+SLOTS, BODY_TIMEOUT_S, HEADER_TIMEOUT_S = 2, 1.0, 1.0
 
 
 @pytest.fixture(scope="module")
 def server(redis_available):
     """The app under uvicorn in a thread; uvicorn's loggers propagate (log_config=None) so caplog sees them."""
-    settings = make_settings(max_body_bytes=MAX_BODY)
+    settings = make_settings(max_body_bytes=MAX_BODY, max_concurrent_requests=SLOTS, body_timeout_s=BODY_TIMEOUT_S,
+                             header_timeout_s=HEADER_TIMEOUT_S)
     port = free_port()
-    config = uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_config=None, access_log=False)
+    config = uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_config=None, access_log=False,
+                            **server_options(settings))
     srv = uvicorn.Server(config)
     thread = threading.Thread(target=srv.run, daemon=True)
     thread.start()
@@ -72,3 +79,64 @@ def test_a_client_hanging_up_mid_upload_is_not_a_server_error(server, caplog):
     time.sleep(0.2)
     lines = [r for r in caplog.records if r.levelno >= logging.INFO and r.name not in ("uvicorn.access", "httpx")]
     assert len(lines) == 1 and lines[0].exc_info is None, [r.getMessage() for r in lines]
+
+
+def test_urllib_sees_the_413_of_a_body_over_the_limit(server):
+    """urllib sends the whole body before reading: the body is drained, so it reads the 413, not a reset."""
+    base, _ = server
+    request = urllib.request.Request(f"{base}/embed", data=b"\0" * (3 * MAX_BODY), method="POST",
+                                     headers={"Content-Type": "application/octet-stream"})
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(request, timeout=10)
+    assert refused.value.code == 413
+    assert json.loads(refused.value.read())["error"]["code"] == "payload_too_large"
+
+
+def _slow_body(port: int) -> socket.socket:
+    s = socket.create_connection(("127.0.0.1", port), timeout=5)
+    s.sendall(b"POST /verify HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+              b"Content-Length: 1000\r\n\r\n{")
+    return s
+
+
+def _until_closed(s: socket.socket, limit: int = 64_000) -> bytes:
+    """What the server sends until it closes (each read within the socket's timeout)."""
+    data = b""
+    while len(data) < limit and (chunk := s.recv(4096)):
+        data += chunk
+    return data
+
+
+def test_slow_bodies_take_no_admission_slot_and_get_408(server):
+    base, port = server
+    slow = [_slow_body(port) for _ in range(2 * SLOTS)]
+    try:
+        time.sleep(0.2)
+        for s in slow:
+            s.sendall(b" ")  # still sending, one byte at a time
+        same = {"a": {"embedding": [1.0] * 128}, "b": {"embedding": [1.0] * 128}}
+        assert httpx.post(f"{base}/verify", json=same, timeout=5).status_code == 200
+        started = time.monotonic()
+        answers = [_until_closed(s) for s in slow]
+        assert all(a.startswith(b"HTTP/1.1 408") and b"request_timeout" in a for a in answers), answers
+        assert time.monotonic() - started < BODY_TIMEOUT_S + 2
+    finally:
+        for s in slow:
+            s.close()
+
+
+def test_slow_headers_are_cut_off(server):
+    _, port = server
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        s.sendall(b"GET /healthz HTTP/1.1\r\n")
+        started, closed = time.monotonic(), False
+        while not closed and time.monotonic() - started < HEADER_TIMEOUT_S + 3:  # one header line per 0.2 s
+            try:
+                s.sendall(b"X-Slow: 1\r\n")
+                s.settimeout(0.2)
+                closed = s.recv(4096) == b""
+            except TimeoutError:
+                continue
+            except OSError:  # reset: closed as well
+                closed = True
+        assert closed and time.monotonic() - started < HEADER_TIMEOUT_S + 1
