@@ -1,14 +1,19 @@
 """Plain functions shared by test modules; fixtures live in the conftest.py files."""
 from __future__ import annotations
 
+import importlib.util
 import socket
 import uuid
 from pathlib import Path
 
+import numpy as np
 import redis
 
 from service.settings import Settings
 
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_CARD = REPO / "models" / "default"
+EMBEDDING_SIZE = 64  # of the tiny_model fixture (tests/engines/conftest.py)
 REDIS_URL = "redis://127.0.0.1:6379/0"
 
 
@@ -44,3 +49,28 @@ def drop_keys(settings: Settings) -> None:
     if keys:
         client.delete(*keys)
     client.close()
+
+
+def faces(n: int, seed: int = 1) -> np.ndarray:
+    """n random aligned 112×112 RGB faces (uint8)."""
+    return np.random.default_rng(seed).integers(0, 256, size=(n, 112, 112, 3), dtype=np.uint8)
+
+
+def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Cosine of each row of a with the same row of b, in float64."""
+    a, b = a.astype(np.float64), b.astype(np.float64)
+    return (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+
+
+def gpu_skip_reason() -> str | None:
+    """Why the TensorRT runtime cannot run here, or None where it can."""
+    for module in ("tensorrt", "cuda"):
+        if importlib.util.find_spec(module) is None:
+            return f"{module} is not installed (the TensorRT runtime needs tensorrt 10 and cuda-python)"
+    from engines.tensorrt_engine import _cudart
+
+    try:
+        err, count = _cudart().cudaGetDeviceCount()
+    except Exception as exc:  # a missing driver raises from inside cuda-python's loader
+        return f"no CUDA driver: {exc}"
+    return None if int(err) == 0 and count > 0 else "no CUDA device"

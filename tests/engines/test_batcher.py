@@ -9,7 +9,7 @@ import pytest
 
 from engines.base import EngineInputError, preprocess
 from engines.batcher import BatcherClosedError, BatchRecord, DynamicBatcher
-from tests.engines.test_onnx_runtime import faces, tiny_model  # noqa: F401  (tiny_model is a fixture)
+from tests.helpers import cosines, faces
 
 S, D = 4, 3
 POISON = -1.0  # a face whose first value is POISON makes the stub engine raise
@@ -280,15 +280,10 @@ def test_metrics_hook_sees_every_batch():
 
 
 @pytest.fixture(scope="module")
-def onnx_engine(tiny_model):  # noqa: F811
+def onnx_engine(tiny_model):
     from engines.onnx_runtime import OnnxRuntimeEngine
 
     return OnnxRuntimeEngine(tiny_model, intra_op_threads=1)
-
-
-def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    a, b = a.astype(np.float64), b.astype(np.float64)
-    return (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
 
 
 def test_onnx_16_concurrent_requests_match_faces_embedded_alone(onnx_engine):
@@ -303,6 +298,6 @@ def test_onnx_16_concurrent_requests_match_faces_embedded_alone(onnx_engine):
     batched = np.concatenate([out["embedding"] for out in asyncio.run(main())])
     assert [r.size for r in records] == [16]  # one inference for the 16 faces
     # batch invariance: each face inside the batch agrees with itself alone, and not with its neighbours
-    assert cosine(batched, alone).min() >= 1 - 1e-4
-    assert cosine(batched, np.roll(alone, 1, axis=0)).max() < 0.99
+    assert cosines(batched, alone).min() >= 1 - 1e-4
+    assert cosines(batched, np.roll(alone, 1, axis=0)).max() < 0.99
     np.testing.assert_allclose(np.linalg.norm(batched, axis=1), np.linalg.norm(alone, axis=1), rtol=1e-4)

@@ -8,8 +8,7 @@ import numpy as np
 import pytest
 
 from engines.base import RUNTIME_MODULES, Engine, build_engine, preprocess
-from tests.engines.test_onnx_runtime import DEFAULT_CARD, tiny_model  # noqa: F401  (tiny_model is a fixture)
-from tests.engines.test_tensorrt_engine import _gpu_skip_reason
+from tests.helpers import DEFAULT_CARD, gpu_skip_reason
 
 
 def _onnxruntime(tiny: Path, tmp: Path) -> Engine:
@@ -22,7 +21,7 @@ def _torch(tiny: Path, tmp: Path) -> Engine:
 
 
 def _tensorrt(tiny: Path, tmp: Path) -> Engine:
-    reason = _gpu_skip_reason()
+    reason = gpu_skip_reason()
     if reason:
         pytest.skip(reason)
     return build_engine("tensorrt", card=DEFAULT_CARD, max_batch_size=4, cache_dir=tmp)
@@ -37,7 +36,7 @@ def test_every_registered_runtime_is_checked_here():
 
 @pytest.fixture(scope="module", params=[pytest.param(name, marks=pytest.mark.gpu) if name == "tensorrt" else name
                                         for name in sorted(BUILDERS)])
-def engine(request, tiny_model, tmp_path_factory) -> Engine:  # noqa: F811
+def engine(request, tiny_model, tmp_path_factory) -> Engine:
     return BUILDERS[request.param](tiny_model, tmp_path_factory.mktemp(request.param))
 
 

@@ -13,10 +13,7 @@ import pytest
 from engines.base import ENGINES, Engine, EngineInputError, build_engine, embed_aligned, merge_tta, preprocess, run_aligned
 from engines.model_card import ModelCard, ModelCardError, sha256_file
 from engines.onnx_runtime import OnnxRuntimeEngine, default_providers
-
-REPO = Path(__file__).resolve().parents[2]
-DEFAULT_CARD = REPO / "models" / "default"
-EMBEDDING_SIZE = 64
+from tests.helpers import DEFAULT_CARD, EMBEDDING_SIZE, REPO, faces
 
 
 def hand_card(size: int, order: str, mean, std) -> ModelCard:
@@ -67,38 +64,8 @@ def test_unknown_runtime_is_refused():
 
 
 @pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory) -> Path:
-    """A random-weight MobileFaceNet (width 0.25, D = 64) exported by training.export: its card.yaml."""
-    torch = pytest.importorskip("torch")
-    from training.export import export_onnx
-    from training.models import build_backbone
-
-    torch.set_num_threads(1)
-    torch.manual_seed(0)
-    root = tmp_path_factory.mktemp("tiny")
-    model = build_backbone("mobilefacenet", embedding_size=EMBEDDING_SIZE, width_mult=0.25)
-    # at init the activations shrink ~10× per stage (embedding norms ~1e-4, every test trivially
-    # "close"); BN statistics from two random batches give them a trained network's scale
-    for module in model.modules():
-        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
-            module.momentum = None  # a plain average over the batches
-    model.train()
-    with torch.no_grad():
-        for _ in range(2):
-            model(torch.rand(16, 3, 112, 112) * 2 - 1)
-    torch.save({"backbone": model.state_dict(), "arch": "mobilefacenet", "embedding_size": EMBEDDING_SIZE,
-                "kwargs": {"width_mult": 0.25}, "input_size": 112}, root / "backbone.pt")
-    export_onnx(root / "backbone.pt", root / "model", "tiny", "1", {"licence": "test"})
-    return root / "model" / "card.yaml"
-
-
-@pytest.fixture(scope="module")
 def engine(tiny_model) -> OnnxRuntimeEngine:
     return OnnxRuntimeEngine(tiny_model, intra_op_threads=1)
-
-
-def faces(n: int, seed: int = 1) -> np.ndarray:
-    return np.random.default_rng(seed).integers(0, 256, size=(n, 112, 112, 3), dtype=np.uint8)
 
 
 def test_engine_keeps_the_interface(engine):

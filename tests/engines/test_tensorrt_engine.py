@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import importlib
-import importlib.util
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,9 +16,7 @@ from engines.tensorrt_engine import (
     plan_cache_key,
     profile_shapes,
 )
-from tests.engines.test_onnx_runtime import faces, tiny_model  # noqa: F401  (tiny_model is a fixture)
-
-REPO = Path(__file__).resolve().parents[2]
+from tests.helpers import DEFAULT_CARD, cosines, faces, gpu_skip_reason
 
 KEY_ARGS = dict(onnx_sha256="a" * 64, gpu_name="NVIDIA H100 80GB HBM3", trt_version="10.7.0",
                 max_batch_size=64, fp16=True)
@@ -82,28 +78,15 @@ def test_runtime_is_registered():
 # ---------------------------------------------------------------- on a GPU
 
 
-def _gpu_skip_reason() -> str | None:
-    for module in ("tensorrt", "cuda"):
-        if importlib.util.find_spec(module) is None:
-            return f"{module} is not installed (the TensorRT runtime needs tensorrt 10 and cuda-python)"
-    from engines.tensorrt_engine import _cudart
-
-    try:
-        err, count = _cudart().cudaGetDeviceCount()
-    except Exception as exc:  # a missing driver raises from inside cuda-python's loader
-        return f"no CUDA driver: {exc}"
-    return None if int(err) == 0 and count > 0 else "no CUDA device"
-
-
 @pytest.fixture(scope="module")
 def gpu():
-    reason = _gpu_skip_reason()
+    reason = gpu_skip_reason()
     if reason:
         pytest.skip(reason)
 
 
 @pytest.mark.gpu
-def test_fp16_plan_matches_onnx_runtime_and_is_cached(gpu, tiny_model, tmp_path):  # noqa: F811
+def test_fp16_plan_matches_onnx_runtime_and_is_cached(gpu, tiny_model, tmp_path):
     from engines.base import embed_aligned
     from engines.onnx_runtime import OnnxRuntimeEngine
     from engines.tensorrt_engine import TensorRTEngine
@@ -111,10 +94,9 @@ def test_fp16_plan_matches_onnx_runtime_and_is_cached(gpu, tiny_model, tmp_path)
     trt_engine = TensorRTEngine(tiny_model, max_batch_size=8, cache_dir=tmp_path)
     reference = OnnxRuntimeEngine(tiny_model, providers=["CPUExecutionProvider"], intra_op_threads=1)
     crops = faces(11, seed=5)  # 11 > 8: two chunks, the second a partial batch
-    a = embed_aligned(trt_engine, trt_engine.card, crops).astype(np.float64)
-    b = embed_aligned(reference, reference.card, crops).astype(np.float64)
-    cos = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
-    assert cos.min() >= 0.999
+    a = embed_aligned(trt_engine, trt_engine.card, crops)
+    b = embed_aligned(reference, reference.card, crops)
+    assert cosines(a, b).min() >= 0.999
     assert trt_engine.health()
     plans = list(tmp_path.glob(f"*{PLAN_SUFFIX}"))
     assert [p.stem for p in plans] == [trt_engine.cache_key]
@@ -132,7 +114,7 @@ def test_fp16_plan_returns_the_style_output_like_onnx_runtime(gpu, tmp_path):
     from engines.onnx_runtime import OnnxRuntimeEngine
     from engines.tensorrt_engine import TensorRTEngine
 
-    card = ModelCard.load(REPO / "models" / "default")
+    card = ModelCard.load(DEFAULT_CARD)
     if card.outputs.style is None:
         pytest.skip("the default model has no style output")
     trt_engine = TensorRTEngine(card, max_batch_size=8, cache_dir=tmp_path)
@@ -140,8 +122,4 @@ def test_fp16_plan_returns_the_style_output_like_onnx_runtime(gpu, tmp_path):
     x = preprocess(np.random.default_rng(3).integers(0, 256, (11, card.input.size, card.input.size, 3), np.uint8), card)
     a, b = trt_engine.run(x), reference.run(x)
     assert trt_engine.outputs == reference.outputs and a["style"].shape == (11, 2 * sum(card.outputs.style_channels))
-    assert _cosines(a["embedding"], b["embedding"]).min() >= 0.999 and _cosines(a["style"], b["style"]).min() >= 0.999
-
-
-def _cosines(u: np.ndarray, v: np.ndarray) -> np.ndarray:
-    return (u * v).sum(1) / (np.linalg.norm(u, axis=1) * np.linalg.norm(v, axis=1))
+    assert cosines(a["embedding"], b["embedding"]).min() >= 0.999 and cosines(a["style"], b["style"]).min() >= 0.999

@@ -6,23 +6,18 @@ import pytest
 from engines.base import Engine, build_engine, embed_aligned, preprocess
 from engines.model_card import ModelCard, ModelCardError
 from engines.onnx_runtime import OnnxRuntimeEngine
-from tests.engines.test_onnx_runtime import EMBEDDING_SIZE, faces, tiny_model  # noqa: F401  (fixture)
+from tests.helpers import EMBEDDING_SIZE, cosines, faces
 
 pytest.importorskip("torch")
 
 
-def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    a, b = a.astype(np.float64), b.astype(np.float64)
-    return (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
-
-
 @pytest.fixture(scope="module")
-def checkpoint(tiny_model):  # noqa: F811
+def checkpoint(tiny_model):
     return tiny_model.parent.parent / "backbone.pt"  # what the fixture exported the ONNX from
 
 
 @pytest.fixture(scope="module")
-def torch_engine(tiny_model, checkpoint):  # noqa: F811
+def torch_engine(tiny_model, checkpoint):
     return build_engine("torch", checkpoint=checkpoint, card=tiny_model, threads=1)
 
 
@@ -33,17 +28,17 @@ def test_torch_engine_keeps_the_interface(torch_engine):
     assert torch_engine.health()
 
 
-def test_parity_with_the_onnx_engine(tiny_model, torch_engine):  # noqa: F811
+def test_parity_with_the_onnx_engine(tiny_model, torch_engine):
     onnx_engine = OnnxRuntimeEngine(tiny_model, intra_op_threads=1)
     crops = faces(6, seed=3)
     a = embed_aligned(torch_engine, torch_engine.card, crops)
     b = embed_aligned(onnx_engine, onnx_engine.card, crops)
-    assert cosine(a, b).min() >= 0.9999
+    assert cosines(a, b).min() >= 0.9999
     np.testing.assert_allclose(np.linalg.norm(a, axis=1), np.linalg.norm(b, axis=1), rtol=1e-3)
-    assert cosine(a, np.roll(b, 1, axis=0)).max() < 0.99  # different faces stay apart
+    assert cosines(a, np.roll(b, 1, axis=0)).max() < 0.99  # different faces stay apart
 
 
-def test_the_cards_scaling_and_channel_order_are_honoured(tiny_model, checkpoint, torch_engine):  # noqa: F811
+def test_the_cards_scaling_and_channel_order_are_honoured(tiny_model, checkpoint, torch_engine):
     # the same backbone under a BGR card with x = p/255: the engine must undo it to (p − 127.5)/127.5 RGB
     card = ModelCard.load(tiny_model)
     bgr = card.model_copy(update={"input": card.input.model_copy(
@@ -56,7 +51,7 @@ def test_the_cards_scaling_and_channel_order_are_honoured(tiny_model, checkpoint
     np.testing.assert_allclose(engine.embed(x_bgr), torch_engine.embed(preprocess(crops, card)), rtol=0, atol=2e-4)
 
 
-def test_a_card_that_does_not_match_the_checkpoint_is_refused(tiny_model, checkpoint):  # noqa: F811
+def test_a_card_that_does_not_match_the_checkpoint_is_refused(tiny_model, checkpoint):
     card = ModelCard.load(tiny_model)
     wrong = card.model_copy(update={"embedding_size": EMBEDDING_SIZE + 1})
     with pytest.raises(ModelCardError, match="embedding width"):
