@@ -2,7 +2,9 @@
 query parameters): FastAPI cannot infer it from a signature, so each route declares it with
 `body(reader)`, and `install` adds the request models (`service.schemas.REQUESTS`) to the components.
 
-Every bound shown comes from the request model, the one place that enforces it.
+Every bound shown comes from the request model, the one place that enforces it. `install` also adds
+the OpenAPI links (LINKS) that say which operation reads or deletes what another created, so clients
+and stateful fuzzers (schemathesis) can follow create -> read -> delete.
 """
 from __future__ import annotations
 
@@ -13,6 +15,32 @@ from service.inputs import RequestBody
 from service.schemas import REQUESTS
 
 REF = "#/components/schemas/{model}"
+
+Operation = tuple[str, str]  # (method, path) as in the document
+# source operation -> link name -> (target operation, its parameters as runtime expressions); links go
+# from the 200 response. A target this app does not serve (GET /gallery/{identity} before issue 12) is left out.
+LINKS: dict[Operation, dict[str, tuple[Operation, dict[str, str]]]] = {
+    ("post", "/templates/{template_id}/frames"): {
+        "GetTemplate": (("get", "/templates/{template_id}"), {"path.template_id": "$response.body#/id"}),
+        "DeleteTemplate": (("delete", "/templates/{template_id}"), {"path.template_id": "$request.path.template_id"}),
+    },
+    ("delete", "/templates/{template_id}"): {  # read after delete: 404
+        "GetTemplate": (("get", "/templates/{template_id}"), {"path.template_id": "$response.body#/id"}),
+    },
+    ("post", "/gallery/{identity}"): {
+        "GetIdentity": (("get", "/gallery/{identity}"), {"path.identity": "$response.body#/id",
+                                                          "header.X-Gallery": "$response.body#/gallery"}),
+        "DeleteIdentity": (("delete", "/gallery/{identity}"), {"path.identity": "$response.body#/id",
+                                                                "header.X-Gallery": "$response.body#/gallery"}),
+        "Search": (("post", "/gallery/search"), {"header.X-Gallery": "$response.body#/gallery"}),
+        "GalleryInfo": (("get", "/gallery"), {"header.X-Gallery": "$response.body#/gallery"}),
+    },
+    ("delete", "/gallery/{identity}"): {  # the identity is gone: 404, and no longer found by search
+        "GetIdentity": (("get", "/gallery/{identity}"), {"path.identity": "$response.body#/id",
+                                                          "header.X-Gallery": "$request.header.X-Gallery"}),
+        "Search": (("post", "/gallery/search"), {"header.X-Gallery": "$request.header.X-Gallery"}),
+    },
+}
 
 
 def body(reader: RequestBody) -> dict:
@@ -45,7 +73,18 @@ def install(app: FastAPI) -> None:
                 js = model.model_json_schema(ref_template=REF)
                 components.update(js.pop("$defs", {}))
                 components[model.__name__] = js
+            add_links(schema["paths"])
             app.openapi_schema = schema
         return app.openapi_schema
 
     app.openapi = openapi
+
+
+def add_links(paths: dict) -> None:
+    """LINKS into the 200 responses of `paths`, naming each target by its operationId."""
+    ids = {(method, path): op["operationId"] for path, ops in paths.items() for method, op in ops.items()}
+    for (method, path), links in LINKS.items():
+        out = paths[path][method]["responses"]["200"].setdefault("links", {})
+        for name, (target, parameters) in links.items():
+            if target in ids:
+                out[name] = {"operationId": ids[target], "parameters": parameters}
