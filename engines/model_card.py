@@ -17,7 +17,10 @@ Conventions the fields rely on:
               by cosine. With `flip_tta`, f = f(image) + f(mirrored image).
   quality     "magface_linear": q = clip((‖f‖ − low)/(high − low), 0, 1).
   calibration cosine thresholds of f/‖f‖ at given false accept rates (FAR), measured on data not
-              used for training.
+              used for training. Card version 2 adds, from the same hold-out: the open-set tail model
+              (FPIR(t, N), `OpenSet`), FAR thresholds per pair-quality band (`QualityBand`) and the
+              quality floors of probes and enrolments (`QualityFloors`). Version 1 cards keep working
+              with FAR thresholds only.
 """
 from __future__ import annotations
 
@@ -32,6 +35,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator,
 from engines.atomic import atomic_write_bytes, fsync_file, sha256_file, temp_path_beside  # noqa: F401 (re-exported)
 
 CARD_FILENAME = "card.yaml"
+CARD_VERSION = 2
 SHA256_PATTERN = r"^[0-9a-f]{64}$"
 
 
@@ -116,6 +120,49 @@ class Quality(_Strict):
         return self
 
 
+class OpenSet(_Strict):
+    """FPIR(t, N): the share of non-mated searches whose best score among N enrolled identities reaches t.
+
+    Peaks over threshold: impostor cosines above u (a fraction `zeta` of them) follow a generalised
+    Pareto tail, P(s ≥ t) = zeta·(1 + xi·(t − u)/sigma)^(−1/xi) for t ≥ u; a search meets N of them,
+    FPIR(t, N) = 1 − (1 − P(s ≥ t))^N. Checked against measured maxima at `gallery_sizes`."""
+
+    model: Literal["gpd_tail"] = Field("gpd_tail", description="The tail model above.")
+    u: float = Field(ge=-1, le=1, description="Cosine where the tail starts.")
+    zeta: float = Field(gt=0, lt=1, description="Share of impostor scores above u.")
+    xi: float = Field(description="GPD shape (negative: bounded tail).")
+    sigma: float = Field(gt=0, description="GPD scale.")
+    fpir_range: list[float] = Field(min_length=2, max_length=2, description="[lowest, highest] FPIR served: "
+                                    "the range checked against measured values.")
+    gallery_sizes: list[int] = Field(min_length=1, description="The N at which measured FPIR was compared.")
+    max_ratio: float = Field(gt=0, description="Worst measured/predicted FPIR (or its inverse) over those checks.")
+    probes: int = Field(gt=0, description="Non-mated searches measured at the largest N.")
+    method: str = Field(description="How it was fitted and checked.")
+
+    @model_validator(mode="after")
+    def _range(self) -> OpenSet:
+        low, high = self.fpir_range
+        if not 0 < low <= high < 1:
+            raise ValueError(f"fpir_range must satisfy 0 < low <= high < 1, got {self.fpir_range}")
+        return self
+
+
+class QualityBand(_Strict):
+    """FAR thresholds for pairs whose lower face quality lies in [low, high)."""
+
+    low: float = Field(ge=0, le=1)
+    high: float = Field(ge=0, le=1)
+    thresholds: dict[float, float] = Field(min_length=1, description="FAR -> cosine threshold in this band.")
+    positive_pairs: int = Field(ge=0)
+    negative_pairs: int = Field(gt=0)
+
+
+class QualityFloors(_Strict):
+    probe: float = Field(ge=0, le=1, description="Searches with a probe below it are answered low_quality.")
+    enrolment: float = Field(ge=0, le=1, description="Enrolments whose best photo is below it are refused (unless forced).")
+    rule: str = Field(description="How the floors were read off the hold-out's error-versus-quality curve.")
+
+
 class Calibration(_Strict):
     thresholds: dict[float, float] = Field(min_length=1, description="FAR -> cosine threshold; a pair matches when "
                                            "cos ≥ threshold. Usually FAR 1e-2, 1e-3 and 1e-4.")
@@ -123,6 +170,10 @@ class Calibration(_Strict):
     positive_pairs: int = Field(ge=0, description="Genuine pairs measured.")
     negative_pairs: int = Field(gt=0, description="Impostor pairs measured; a FAR below 1/negative_pairs cannot be.")
     method: str = Field(description="How: pipeline and the rule that picks each threshold.")
+    open_set: OpenSet | None = Field(None, description="FPIR(t, N) for 1:N decisions (card version 2).")
+    quality_bands: list[QualityBand] = Field(default_factory=list, description="FAR thresholds by the pair's lower "
+                                             "quality, bands in order covering [0, 1] (card version 2).")
+    floors: QualityFloors | None = Field(None, description="Quality floors (card version 2).")
 
     @model_validator(mode="after")
     def _consistent(self) -> Calibration:
@@ -175,7 +226,7 @@ class Provenance(_Strict):
 
 
 class ModelCard(_Strict):
-    card_version: Literal[1] = Field(1, description="Format version of this card.")
+    card_version: Literal[1, 2] = Field(CARD_VERSION, description="Format version of this card (1: FAR thresholds only).")
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="Model name (reported by the service).")
     version: str = Field(min_length=1, description="Model version (reported by the service).")
     architecture: str = Field(description="Backbone, e.g. 'iresnet50' or 'dlib_resnet34'.")
@@ -195,6 +246,13 @@ class ModelCard(_Strict):
     provenance: Provenance
 
     _root: Path | None = PrivateAttr(None)
+
+    @model_validator(mode="after")
+    def _version_fields(self) -> ModelCard:
+        c = self.calibration
+        if self.card_version == 1 and c is not None and (c.open_set or c.quality_bands or c.floors):
+            raise ValueError("calibration.open_set, quality_bands and floors need card_version 2")
+        return self
 
     @field_validator("version", mode="before")
     @classmethod
@@ -289,6 +347,47 @@ def threshold_at(card: ModelCard, far: float) -> float:
     """Cosine threshold for FAR `far` (the nearest stricter calibrated FAR when `far` itself is not calibrated)."""
     used = resolve_far(card, far)  # first: it raises the clear error when there is no calibration
     return card.calibration.thresholds[used]
+
+
+def fpir_at(open_set: OpenSet, threshold: float, n: int) -> float:
+    """FPIR(t, N) of the tail model (t below u: at least what the model gives at u)."""
+    z = max(threshold - open_set.u, 0.0) / open_set.sigma
+    base = 1 + open_set.xi * z
+    if base <= 0:  # beyond a bounded tail's end
+        return 0.0
+    tail = open_set.zeta * (math.exp(-z) if open_set.xi == 0 else base ** (-1 / open_set.xi))
+    return -math.expm1(max(n, 1) * math.log1p(-tail))
+
+
+def fpir_threshold(card: ModelCard, fpir: float, n: int) -> float:
+    """Cosine threshold at which a search in a gallery of n identities identifies a stranger with probability fpir."""
+    open_set = card.calibration.open_set if card.calibration else None
+    if open_set is None:
+        raise ModelCardError(f"model {card.name!r} has no FPIR calibration in its card (card version "
+                             f"{card.card_version}); decide by FAR")
+    low, high = open_set.fpir_range
+    if not low <= fpir <= high:
+        raise ModelCardError(f"FPIR {fpir:g} is outside the calibrated range [{low:g}, {high:g}] of model {card.name!r}")
+    return tail_threshold(open_set, fpir, n)
+
+
+def tail_threshold(open_set: OpenSet, fpir: float, n: int) -> float:
+    """The tail model's inverse: t with FPIR(t, n) = fpir (u where that lies below the tail's start)."""
+    p = -math.expm1(math.log1p(-fpir) / max(n, 1))  # per-comparison rate: 1 − (1 − fpir)^(1/N)
+    if p >= open_set.zeta:  # below the tail's start the model does not apply: u is the stricter, safe choice
+        return open_set.u
+    xi, sigma = open_set.xi, open_set.sigma
+    ratio = p / open_set.zeta
+    return open_set.u + (-sigma * math.log(ratio) if xi == 0 else sigma / xi * (ratio ** -xi - 1))
+
+
+def quality_band(card: ModelCard, quality: float) -> QualityBand | None:
+    """The card's band holding a pair's lower quality (None without bands)."""
+    bands = card.calibration.quality_bands if card.calibration else []
+    for band in bands:
+        if band.low <= quality < band.high:
+            return band
+    return bands[-1] if bands and quality >= bands[-1].high else None
 
 
 # ---- files -------------------------------------------------------------------------------

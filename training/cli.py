@@ -141,17 +141,30 @@ def export(
 @app.command()
 def calibrate(
     card: Annotated[Path, typer.Argument(help="model card (card.yaml or its folder), rewritten with the calibration")],
-    holdout: Annotated[Path, typer.Option(help="aligned crops, one folder per held-out identity")],
     dataset: Annotated[str, typer.Option(help="name of the hold-out data, written to the card")],
+    holdout: Annotated[Path | None, typer.Option(help="aligned crops, one folder per held-out identity")] = None,
+    embeddings: Annotated[Path | None, typer.Option(help="or the hold-out's raw embeddings, computed through the "
+                                                         "pipeline (.npz: embedding (N, D), identity (N,); "
+                                                         "benchmarks/open_set.py embed)")] = None,
     threads: Threads = 0,
 ) -> None:
-    """Verification thresholds at FARs and the quality range of a model card, on held-out identities."""
+    """Verification thresholds at FARs (overall and per quality band), quality range and floors, and the open-set
+    FPIR(t, N) tail model of a model card, on held-out identities."""
+    import numpy as np
+
     from engines.model_card import ModelCard
     from training.calibrate import calibrate as calibrate_card
     from training.calibrate import embed_tree
 
+    if (holdout is None) == (embeddings is None):
+        raise typer.BadParameter("give exactly one of --holdout or --embeddings")
     model = ModelCard.load(card)
-    emb, labels = embed_tree(model, holdout, threads)
+    if holdout is not None:
+        emb, labels = embed_tree(model, holdout, threads)
+    else:
+        data = np.load(embeddings)
+        found = ~np.isnan(data["embedding"][:, 0])  # photos without a face
+        emb, labels = data["embedding"][found], np.unique(data["identity"][found], return_inverse=True)[1]
     model = calibrate_card(model, emb, labels, dataset)
     model.save(card)
     c = model.calibration

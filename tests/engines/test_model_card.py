@@ -1,13 +1,24 @@
 from __future__ import annotations
 
 import hashlib
+from pathlib import Path
 
 import numpy as np
 import pytest
 import yaml
 from pydantic import ValidationError
 
-from engines.model_card import ModelCard, ModelCardError, quality_from_magnitude, resolve_far, threshold_at
+from engines.model_card import (
+    ModelCard,
+    ModelCardError,
+    fpir_threshold,
+    quality_band,
+    quality_from_magnitude,
+    resolve_far,
+    threshold_at,
+)
+
+REPO = Path(__file__).resolve().parents[2]
 
 ONNX_BYTES = b"not really an onnx graph, but bytes with a known sha256"
 
@@ -158,3 +169,29 @@ def test_calibration_must_be_consistent():
         ModelCard.model_validate(card_dict(calibration={**base, "negative_pairs": 300}))
     with pytest.raises(ValidationError, match="FAR must be in"):
         ModelCard.model_validate(card_dict(calibration={**base, "thresholds": {1.5: 0.1}}))
+
+
+def test_version_2_calibration_and_fpir_thresholds():
+    card = ModelCard.load(REPO / "models" / "default", verify=False)
+    assert card.card_version == 2 and card.calibration.open_set is not None
+    low, high = card.calibration.open_set.fpir_range
+    sizes = [fpir_threshold(card, 0.01, n) for n in (10, 100, 1000, 100_000)]
+    assert sizes == sorted(sizes) and sizes[0] < sizes[-1]  # a larger gallery needs a stricter threshold
+    assert fpir_threshold(card, high, 1000) < fpir_threshold(card, low, 1000)
+    with pytest.raises(ModelCardError, match=r"calibrated range \[0.001, 0.1\]"):
+        fpir_threshold(card, low / 2, 1000)
+    assert quality_band(card, 0.0) is card.calibration.quality_bands[0]
+    assert quality_band(card, 1.0) is card.calibration.quality_bands[-1]
+
+
+def test_version_1_card_serves_far_only():
+    data = yaml.safe_load((REPO / "models" / "default" / "card.yaml").read_text())
+    data["card_version"] = 1
+    with pytest.raises(ValidationError, match="need card_version 2"):
+        ModelCard.model_validate(data)
+    for key in ("open_set", "quality_bands", "floors"):
+        data["calibration"].pop(key)
+    old = ModelCard.model_validate(data)
+    assert threshold_at(old, 1e-3) == data["calibration"]["thresholds"][1e-3] and quality_band(old, 0.5) is None
+    with pytest.raises(ModelCardError, match="no FPIR calibration"):
+        fpir_threshold(old, 0.01, 100)
