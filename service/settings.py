@@ -8,14 +8,16 @@ other than "development") the service refuses to start without API keys.
 from __future__ import annotations
 
 import logging
+import os
 from functools import lru_cache
+from importlib.resources import files
 from pathlib import Path
 from typing import Literal, get_args
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-REPO = Path(__file__).resolve().parent.parent
+MODELS = Path(files("faceset_models"))  # the committed models: models/ in a checkout, in site-packages when installed
 ServingRuntime = Literal["onnxruntime", "tensorrt"]
 
 
@@ -26,10 +28,10 @@ class Settings(BaseSettings):
         default="development",
         description="'production' refuses to start without FACESET_API_KEYS.")
     model_card: Path = Field(
-        default=REPO / "models" / "default",
+        default=MODELS / "default",
         description="Recognition model: a card.yaml or the folder holding one (ONNX + card).")
     fusion_card: Path = Field(
-        default=REPO / "models" / "caface",
+        default=MODELS / "caface",
         description="CAFace fusion model (two ONNX + card) for /templates; where absent, /templates answers 503.")
     template_min_quality: float = Field(
         default=0.0, ge=0, le=1,
@@ -40,7 +42,7 @@ class Settings(BaseSettings):
         description="Most recent frame ids a template remembers to refuse retried frames (Redis memory per "
                     "template grows with it, never with the frame count); 0 keeps them all.")
     detector_dir: Path = Field(
-        default=REPO / "models" / "detector",
+        default=MODELS / "detector",
         description="Face detector (MTCNN ONNX + card) folder.")
     engine: ServingRuntime = Field(
         default="onnxruntime",
@@ -92,8 +94,9 @@ class Settings(BaseSettings):
         default="faceset:",
         description="Prefix of every Redis key this service writes (several deployments can share a Redis).")
     state_dir: Path = Field(
-        default=REPO / "runs" / "service",
-        description="Where the service keeps local state: the embedded Redis's files, TensorRT plans.")
+        default_factory=lambda: Path(os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state") / "faceset",
+        description="Where the service keeps local state: the embedded Redis's files, TensorRT plans. Default "
+                    "$XDG_STATE_HOME/faceset (~/.local/state/faceset): the user's, whatever the working directory.")
     max_concurrent_requests: int = Field(
         default=64, ge=1,
         description="Face requests served at once; more get 429 at once instead of queueing without bound.")

@@ -4,6 +4,7 @@ Built from a copy of the sources so that a stale build/ folder in the checkout c
 """
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -13,6 +14,7 @@ from email.parser import Parser
 from pathlib import Path
 
 import pytest
+import yaml
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -36,19 +38,51 @@ def sources(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("src")
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(REPO / name, root / name)
-    for name in ("service", "engines", "training"):
+    for name in ("service", "engines", "training", "models"):
         shutil.copytree(REPO / name, root / name, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info", "build"))
     return root
 
 
-def test_the_base_wheel_is_the_service_without_training_or_torch(sources, tmp_path):
-    wheel = _wheel(sources, tmp_path)
+@pytest.fixture(scope="module")
+def base_wheel(sources, tmp_path_factory) -> zipfile.ZipFile:
+    return _wheel(sources, tmp_path_factory.mktemp("base"))
+
+
+def test_the_base_wheel_is_the_service_and_its_models_without_training_or_torch(base_wheel):
+    wheel = base_wheel
     modules = {n for n in wheel.namelist() if n.endswith(".py")}
-    assert {"service/app.py", "service/cli.py", "engines/onnx_runtime.py", "engines/batcher.py"} <= modules
-    assert {n.split("/")[0] for n in modules} == {"service", "engines"}  # no training/, tests/ or benchmarks/
+    shipped = {p.relative_to(REPO).as_posix() for room in ("service", "engines") for p in (REPO / room).rglob("*.py")
+               if "__pycache__" not in p.parts}
+    assert shipped <= modules, sorted(shipped - modules)  # pyproject.toml lists the packages one by one
+    # no training/, tests/ or benchmarks/; faceset_models is the top-level models/ folder
+    assert {n.split("/")[0] for n in modules} == {"service", "engines", "faceset_models"}
+    for model in ("default", "detector", "caface"):  # what the settings' defaults serve, each file its card names
+        card = yaml.safe_load((REPO / "models" / model / "card.yaml").read_text())
+        files = {"card.yaml"} | {f["path"] for f in card["files"].values()}
+        assert {f"faceset_models/{model}/{f}" for f in files} <= set(wheel.namelist()), model
     requires = Parser().parsestr(_metadata(wheel, "METADATA")).get_all("Requires-Dist")
     assert not [r for r in requires if r.split(";")[0].strip().lower().startswith(("torch", "faceset"))]
     assert "faceset = service.cli:main" in _metadata(wheel, "entry_points.txt")
+
+
+def test_an_installed_base_wheel_serves_its_own_models_and_keeps_state_in_the_users_folder(base_wheel, tmp_path):
+    """The settings' defaults from a non-editable install, run outside the checkout: every card loads and verifies."""
+    site = tmp_path / "site"
+    done = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(site),
+                           base_wheel.filename], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    script = ("from engines.detection.mtcnn import load_card; from engines.fusion import FusionCard\n"
+              "from engines.model_card import ModelCard; from service.settings import Settings; s = Settings()\n"
+              "ModelCard.load(s.model_card), load_card(s.detector_dir), FusionCard.load(s.fusion_card)\n"
+              "print(s.model_card, s.detector_dir, s.fusion_card, s.state_dir, sep='\\n')")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FACESET_")}
+    env |= {"PYTHONPATH": str(site), "XDG_STATE_HOME": str(tmp_path / "state")}  # ahead of the checkout's editable
+    done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    *models, state = [Path(line) for line in done.stdout.split()]
+    assert models == [site / "faceset_models" / m for m in ("default", "detector", "caface")]
+    assert state == tmp_path / "state" / "faceset"
 
 
 def test_the_training_wheel_holds_every_training_module_and_registers_its_commands(sources, tmp_path):
