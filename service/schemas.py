@@ -147,11 +147,33 @@ class FramesRequest(_Strict):
 
 
 class GalleryEnrolRequest(_OneOf):
-    one_of: ClassVar = ("images", "embedding", "template_id")
+    one_of: ClassVar = ("images", "embedding", "template_id", "frames")
     images: list[ImageData] | None = Field(default=None, min_length=1, description="Photos of the identity "
                                            "(their largest faces, fused with CAFace where it runs)")
-    embedding: Embedding | None = Field(default=None, description="Or an embedding of the served model")
-    template_id: str | None = Field(default=None, description="Or a CAFace template's fused embedding")
+    embedding: Embedding | None = Field(default=None, description="Or an embedding of the served model (it cannot "
+                                        "be fused with other photos: not with mode=add)")
+    template_id: str | None = Field(default=None, description="Or a CAFace template (its memory: all its frames)")
+    frames: list[FrameData] | None = Field(default=None, min_length=1, description="Or precomputed embeddings "
+                                           "with their style statistics (photos go in 'images'; no frame_id)")
+    mode: Literal["replace", "add"] = Field(default="replace", description="replace: the identity is these photos; "
+                                            "add: these and every photo it was given before (CAFace)")
+    force: bool = Field(default=False, description="Enrol photos whose best face is below the model card's "
+                        "enrolment quality floor (otherwise 422 low_quality)")
+
+    @field_validator("frames")
+    @classmethod
+    def _precomputed(cls, frames: list[FrameData] | None) -> list[FrameData] | None:
+        for i, f in enumerate(frames or []):
+            if f.data is not None or f.frame_id is not None:
+                raise ValueError(f"frames[{i}]: send photos in 'images'; the gallery keeps no frame ids")
+        return frames
+
+
+class GalleryNegativesRequest(_OneOf):
+    one_of: ClassVar = ("images", "embeddings")
+    images: list[ImageData] | None = Field(default=None, min_length=1, description="Photos of people wrongly "
+                                           "identified as this identity (their largest faces)")
+    embeddings: list[Embedding] | None = Field(default=None, min_length=1, description="Or their embeddings")
 
 
 class GallerySearchRequest(_OneOf):
@@ -160,12 +182,21 @@ class GallerySearchRequest(_OneOf):
     embedding: Embedding | None = Field(default=None, description="Or one query embedding")
     top_k: int | None = Field(default=None, ge=1, le=1000, description="Matches per query (default 5)")
     far: Far
+    fpir: float | None = Field(default=None, gt=0, lt=1, description="False positive identification rate: the share "
+                               "of people not enrolled who may be identified as someone, at the gallery's size "
+                               "(default: the service's; within the model card's calibrated range)")
+
+    @model_validator(mode="after")
+    def _one_criterion(self):
+        if self.far is not None and self.fpir is not None:
+            raise ValueError("give at most one of 'far' (a 1:1 threshold) or 'fpir'")
+        return self
 
 
 # the request models: routes read them through `service.inputs.RequestBody`, not FastAPI, so the
 # OpenAPI document gets them from here (`service.routes.openapi`)
 REQUESTS: tuple[type[BaseModel], ...] = (EmbedRequest, VerifyRequest, FramesRequest, GalleryEnrolRequest,
-                                         GallerySearchRequest)
+                                         GallerySearchRequest, GalleryNegativesRequest)
 
 
 # ---- responses --------------------------------------------------------------------------
@@ -208,6 +239,9 @@ class VerifyResponse(BaseModel):
     match: bool = Field(description="similarity ≥ threshold")
     threshold: float = Field(description="The model card's calibrated cosine threshold at `far`")
     far: float = Field(description="The calibrated false accept rate used (the requested one, or the nearest stricter)")
+    band: list[float] | None = Field(default=None, description="[low, high) of the pair's lower quality whose "
+                                     "calibrated threshold decided; null: the overall threshold (a side given as "
+                                     "an embedding, or a card without quality bands)")
     a: SideInfo
     b: SideInfo
 
@@ -242,6 +276,23 @@ class Enrolled(BaseModel):
     id: str
     gallery: str
     count: int = Field(description="Identities in the gallery after this enrolment")
+    photos: int = Field(description="Photos the identity is fused from (with mode=add, all it was ever given)")
+    quality: float | None = Field(description="The identity's quality in [0, 1] (CAFace: the evidence of all its "
+                                  "photos; else their mean MagFace quality); null for a bare embedding")
+
+
+class IdentityOut(BaseModel):
+    id: str
+    gallery: str
+    photos: int = Field(description="Photos the identity is fused from")
+    quality: float | None = Field(description="As in the enrolment's answer")
+    negatives: int = Field(description="Photos or embeddings of other people it must not be identified as")
+    memory: bool = Field(description="Whether its CAFace memory is kept, so mode=add can add photos to it")
+
+
+class NegativesAdded(BaseModel):
+    id: str
+    negatives: int = Field(description="The identity's negatives after this request")
 
 
 class Match(BaseModel):
@@ -251,8 +302,15 @@ class Match(BaseModel):
 
 class SearchResultOut(BaseModel):
     matches: list[Match] = Field(description="Best first; empty for an image without a face")
-    identified: str | None = Field(description="The best match when its similarity reaches the threshold")
-    threshold: float = Field(description="The model card's calibrated threshold at the requested FAR")
+    identified: str | None = Field(description="The best match when the decision is 'identified'")
+    threshold: float = Field(description="The calibrated threshold: at the requested FPIR for this gallery's size, "
+                                         "or at the requested FAR")
+    decision: Literal["identified", "unknown", "low_quality"] = Field(description="identified: the best match "
+                                         "reaches the threshold; unknown: nobody does; low_quality: the probe face "
+                                         "is below the card's quality floor (matches still listed)")
+    fpir: float | None = Field(description="The threshold's FPIR at this gallery size (null: no open-set calibration)")
+    gallery_size: int = Field(description="Identities searched")
+    quality: float | None = Field(description="The probe face's quality (null for an embedding query)")
 
 
 class SearchResponse(BaseModel):

@@ -1,9 +1,11 @@
-"""1:N identification: POST /gallery/search, POST and DELETE /gallery/{id}, GET /gallery.
+"""1:N identification: POST /gallery/search, POST, GET and DELETE /gallery/{id}, POST /gallery/{id}/negatives,
+GET /gallery.
 
 The gallery is the `X-Gallery` header's (default "default"). "search" is reserved: it cannot be an id.
 """
 from __future__ import annotations
 
+import math
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Header, Path
@@ -11,15 +13,18 @@ from fastapi import APIRouter, Depends, Header, Path
 from service.auth import Authenticated
 from service.deps import Admitted, AppSettings, Gallery
 from service.errors import InvalidInput
-from service.inputs import RequestBody
+from service.inputs import RequestBody, frames
 from service.routes.openapi import body
 from service.schemas import (
     Deleted,
     Enrolled,
     GalleryEnrolRequest,
     GalleryInfo,
+    GalleryNegativesRequest,
     GallerySearchRequest,
+    IdentityOut,
     Match,
+    NegativesAdded,
     Problem,
     SearchResponse,
     SearchResultOut,
@@ -32,32 +37,58 @@ ID = r"^[A-Za-z0-9._:@-]{1,128}$"
 GalleryName = Annotated[str, Header(alias="X-Gallery", pattern=ID, description="The gallery (default: default)")]
 IdentityId = Annotated[str, Path(pattern=ID, description="The identity's id")]
 SEARCH = RequestBody(GallerySearchRequest, files={"images": True}, text={"top_k": "Matches per query",
-                                                                         "far": "False accept rate"},
-                     query=("top_k", "far"))
-ENROL = RequestBody(GalleryEnrolRequest, files={"images": True})
+                                                                         "far": "False accept rate",
+                                                                         "fpir": "False positive identification rate"},
+                     query=("top_k", "far", "fpir"))
+ENROL = RequestBody(GalleryEnrolRequest, files={"images": True}, text={"mode": "replace or add"}, query=("mode",))
+NEGATIVES = RequestBody(GalleryNegativesRequest, files={"images": True})
 
 
 @router.post("/search", response_model=SearchResponse, summary="Who is this? One result per query",
              openapi_extra=body(SEARCH))
 async def search(request: Annotated[GallerySearchRequest, Depends(SEARCH)], gallery: Gallery, settings: AppSettings,
                  x_gallery: GalleryName = "default") -> SearchResponse:
-    queries = (await gallery.query_embeddings([i.data for i in request.images]) if request.images
-               else [request.embedding.unit])
-    results = await gallery.search(x_gallery, queries, request.top_k or 5,
-                                   settings.default_far if request.far is None else request.far)
-    return SearchResponse(results=[SearchResultOut(matches=[Match(id=i, similarity=s) for i, s in r.matches],
-                                                   identified=r.identified, threshold=r.threshold) for r in results])
+    probes = (await gallery.query_faces([i.data for i in request.images]) if request.images
+              else [(request.embedding.unit, None)])
+    results = await gallery.search(x_gallery, [p and p[0] for p in probes], request.top_k or 5, request.far,
+                                   request.fpir, (settings.default_far, settings.default_fpir),
+                                   [p and p[1] for p in probes])
+    return SearchResponse(results=[SearchResultOut(
+        matches=[Match(id=i, similarity=s) for i, s in r.matches], identified=r.identified, threshold=r.threshold,
+        decision=r.decision, fpir=r.fpir, gallery_size=r.gallery_size, quality=r.quality) for r in results])
 
 
-@router.post("/{identity}", response_model=Enrolled, summary="Enrol (or replace) an identity",
+@router.post("/{identity}", response_model=Enrolled, summary="Enrol an identity (replace it, or ?mode=add photos)",
              openapi_extra=body(ENROL))
 async def enrol(identity: IdentityId, request: Annotated[GalleryEnrolRequest, Depends(ENROL)], gallery: Gallery,
                 x_gallery: GalleryName = "default") -> Enrolled:
     if identity == "search":
         raise InvalidInput("'search' is reserved (POST /gallery/search); choose another id")
     images = [i.data for i in request.images] if request.images else None
-    count = await gallery.enrol(x_gallery, identity, images, request.embedding, request.template_id)
-    return Enrolled(id=identity, gallery=x_gallery, count=count)
+    count, photos = await gallery.enrol(x_gallery, identity, images, request.embedding, request.template_id,
+                                        frames(request) if request.frames else None, add=request.mode == "add")
+    return Enrolled(id=identity, gallery=x_gallery, count=count, photos=photos.count, quality=_finite(photos.quality))
+
+
+@router.get("/{identity}", response_model=IdentityOut, summary="What an identity is fused from")
+async def identity_info(identity: IdentityId, gallery: Gallery, x_gallery: GalleryName = "default") -> IdentityOut:
+    photos, negatives = await gallery.identity(x_gallery, identity)
+    return IdentityOut(id=identity, gallery=x_gallery, photos=photos.count, quality=_finite(photos.quality),
+                       negatives=negatives, memory=photos.memory is not None)
+
+
+@router.post("/{identity}/negatives", response_model=NegativesAdded, summary="Not this person: never identify "
+             "these faces, or faces closer to them than to the identity, as it", openapi_extra=body(NEGATIVES))
+async def add_negatives(identity: IdentityId, request: Annotated[GalleryNegativesRequest, Depends(NEGATIVES)],
+                        gallery: Gallery, x_gallery: GalleryName = "default") -> NegativesAdded:
+    images = [i.data for i in request.images] if request.images else None
+    count = await gallery.add_negatives(x_gallery, identity, images, request.embeddings)
+    return NegativesAdded(id=identity, negatives=count)
+
+
+def _finite(quality: float) -> float | None:
+    """nan (unknown, e.g. a bare embedding) is null in JSON"""
+    return quality if math.isfinite(quality) else None
 
 
 @router.delete("/{identity}", response_model=Deleted, summary="Erase an identity from the gallery")

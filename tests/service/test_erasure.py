@@ -107,24 +107,32 @@ def test_a_deleted_identity_leaves_no_key_and_no_replica_index(replicas, setting
     dim = a.app.state.faces.card.embedding_size
     rng = np.random.default_rng(0)
     victim, keeper = f"victim-{uuid.uuid4().hex[:8]}", "keeper"
-    vectors = {who: rng.normal(size=dim) for who in (victim, keeper)}
-    for who, v in vectors.items():
-        assert a.post(f"/gallery/{who}", json={"embedding": v.tolist()}, headers=g).status_code == 200
-    found = b.post("/gallery/search", json={"embedding": vectors[victim].tolist()}, headers=g).json()
-    assert found["results"][0]["identified"] == victim  # replica b holds her in its index
+    kept = a.post(f"/gallery/{keeper}", json={"embedding": rng.normal(size=dim).tolist()}, headers=g)
+    assert kept.status_code == 200
+    # the victim with all the gallery keeps of a person: a CAFace memory (her frame) and a negative
+    style = rng.normal(size=a.app.state.templates.fusion.card.style_size)
+    frame = {"embedding": rng.normal(size=dim).tolist(), "style": style.tolist()}
+    assert a.post(f"/gallery/{victim}", json={"frames": [frame]}, headers=g).status_code == 200
+    assert a.post(f"/gallery/{victim}/negatives", json={"embeddings": [rng.normal(size=dim).tolist()]},
+                  headers=g).status_code == 200
+    store = a.app.state.gallery.store
     r = redis.Redis.from_url(settings.redis_url.get_secret_value())
-    record = r.hget(a.app.state.gallery.store.keys("erasure")[0], victim)
-    stored = record[-4 * dim:]  # the vector exactly as Redis holds it
+    stored = r.hget(store.keys("erasure")[0], victim)[-4 * dim:]  # the vector exactly as Redis holds it
+    photos, negatives = (r.hget(key, victim) for key in store.identity_keys("erasure"))
+    memory = photos[-8 * a.app.state.templates.fusion.memory_size:]  # the memory's sums, past the record's header
+    probe = np.frombuffer(stored, "<f4").tolist()
+    found = b.post("/gallery/search", json={"embedding": probe}, headers=g).json()
+    assert found["results"][0]["identified"] == victim  # replica b holds her in its index
     assert a.delete(f"/gallery/{victim}", headers=g).status_code == 200
 
     held = _everything(r, settings.key_prefix)
-    assert not [x for x in held if _leaks(x, victim.encode()) or _leaks(x, stored)]
+    assert not [x for x in held if any(_leaks(x, s) for s in (victim.encode(), stored, memory, negatives))]
     assert any(keeper.encode() in x for x in held)  # the check can see what Redis holds
     for replica in (a, b):
         assert replica.get("/gallery", headers=g).json()["count"] == 1
         idx = replica.app.state.gallery.indexes["erasure"]
         assert list(idx.names.values()) == [keeper] and idx.index.ntotal == 1
-        matches = replica.post("/gallery/search", json={"embedding": vectors[victim].tolist(), "top_k": 5},
+        matches = replica.post("/gallery/search", json={"embedding": probe, "top_k": 5},
                                headers=g).json()["results"][0]["matches"]
         assert [m["id"] for m in matches] == [keeper]
     r.close()
