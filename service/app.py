@@ -14,7 +14,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from starlette.concurrency import run_in_threadpool
 
-from engines.base import STYLE, build_engine
+from engines.base import build_engine
 from engines.batcher import DynamicBatcher
 from engines.detection import build_detector
 from engines.fusion import FusionModel
@@ -48,21 +48,20 @@ RUNTIME_OPTIONS = {
 
 def build_pipeline(settings: Settings) -> FacePipeline:
     card = ModelCard.load(settings.model_card)
-    options = RUNTIME_OPTIONS.get(settings.engine, lambda s: {})(settings)
+    options = RUNTIME_OPTIONS[settings.engine](settings)
     engine = build_engine(settings.engine, card=card, max_batch_size=settings.max_batch_size, **options)
     detector = build_detector("mtcnn", model_dir=settings.detector_dir, intra_op_threads=settings.detector_threads)
     return FacePipeline(detector, engine, card, detect_max_side=settings.detect_max_side)
 
 
 def build_templates(settings: Settings, state) -> tuple[TemplateService | None, str | None]:
-    """The template service, or None and why (no fusion model, or a recognition model without style output)."""
+    """The template service, or None and why (no fusion model, or a recognition model without style output;
+    both served runtimes return every output the card declares)."""
     card = state.faces.card
     if not (settings.fusion_card / "card.yaml").exists() and settings.fusion_card.suffix != ".yaml":
         return None, f"no fusion model at {settings.fusion_card} (FACESET_FUSION_CARD)"
     if card.outputs.style is None:
         return None, f"model {card.name} {card.version} has no CAFace style output"
-    if STYLE not in state.batcher.engine.outputs:
-        return None, f"the {settings.engine} runtime does not return the model's CAFace style output"
     fusion = FusionModel.load(settings.fusion_card)
     store = TemplateStore(state.redis, settings.key_prefix, fusion.memory_size, model_id(fusion),
                           settings.template_id_window, on_erase=state.eraser.erased)

@@ -1,10 +1,14 @@
 """The one settings class: environment variables, secure defaults outside development."""
 from __future__ import annotations
 
+from pathlib import Path
+from typing import get_args
+
 import pytest
 from pydantic import ValidationError
 
-from service.settings import Settings
+from service.app import RUNTIME_OPTIONS
+from service.settings import ServingRuntime, Settings
 
 
 def test_every_setting_reads_from_the_environment(monkeypatch):
@@ -33,3 +37,14 @@ def test_bad_values_name_the_setting(tmp_path):
         Settings(max_batch_size=0)
     with pytest.raises(ValidationError, match="api_keys"):
         Settings(api_keys=[""])
+
+
+def test_every_served_runtime_takes_its_options_from_the_settings():
+    assert set(RUNTIME_OPTIONS) == set(get_args(ServingRuntime))  # build_pipeline looks the engine setting up
+
+
+def test_state_lives_in_the_users_state_folder(monkeypatch, tmp_path):
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path))
+    assert Settings().state_dir == tmp_path / "faceset"
+    monkeypatch.delenv("XDG_STATE_HOME")
+    assert Settings().state_dir == Path.home() / ".local" / "state" / "faceset"
