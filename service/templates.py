@@ -17,7 +17,7 @@ from starlette.concurrency import run_in_threadpool
 
 from engines.fusion import FrameContribution, FusedTemplate, FusionModel
 from engines.model_card import quality_from_magnitude
-from service.errors import NotFound, ServiceError
+from service.errors import InvalidInput, NotFound, ServiceError
 from service.faces import EmbedOptions, FaceService
 from service.inputs import Frame
 from service.metrics import Metrics
@@ -80,6 +80,10 @@ class TemplateService:
         kept = [kept[i] for i in good]
         if kept:
             deltas = frame_deltas(self.fusion, self.fusion.assign(raw[good], style[good]))
+            overflowed = [f.index for f, ok in zip(kept, np.isfinite(deltas).all(axis=1)) if not ok]
+            if overflowed:  # a client's extreme (finite) values: stored, they would leave the template unreadable
+                raise InvalidInput(f"frames[{overflowed[0]}]: its embedding, magnitude or style overflows the "
+                                   "fusion model (float32)")
             result = await self.store.append(template_id, deltas, [f.frame_id for f in kept])
             rejected += [Rejection(f.index, "duplicate_frame_id") for f, added in zip(kept, result.added) if not added]
             accepted, memory = sum(result.added), result.memory

@@ -169,3 +169,13 @@ def test_unknown_and_deleted_templates_are_404(client, settings, frames):
     assert not list(client_redis.scan_iter(match=f"*{tid}*"))
     malformed = client.get("/templates/bad id!")  # not an id at all (the contract's 404 is for unknown ids)
     assert malformed.status_code == 422 and malformed.json()["error"]["code"] == "invalid_input"
+
+
+def test_frames_that_overflow_the_fusion_model_are_refused_and_not_stored(client, settings, frames):
+    """Found by schemathesis (tests/service/test_fuzz.py): finite but extreme style values overflowed in
+    float32, the NaN memory was stored and the answer was a 500."""
+    tid = _tid(settings, "overflow")
+    huge = dict(frames[0], style=[1.7976931348623157e308, -1.7976931348623157e308] * (len(frames[0]["style"]) // 2))
+    r = client.post(f"/templates/{tid}/frames", json={"frames": [frames[1], huge]})
+    assert r.status_code == 422 and r.json()["error"]["code"] == "invalid_input" and "frames[1]" in r.text
+    assert client.get(f"/templates/{tid}").status_code == 404
