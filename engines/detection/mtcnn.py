@@ -22,6 +22,7 @@ rather than bilinear, which aliases when a large face is shrunk to 24 or 48 pixe
 from __future__ import annotations
 
 import math
+from importlib.resources import files
 from pathlib import Path
 from typing import Sequence
 
@@ -33,7 +34,7 @@ import yaml
 from engines.atomic import sha256_file
 from engines.detection import DETECTORS, Detection
 
-DEFAULT_MODEL_DIR = Path(__file__).resolve().parents[2] / "models" / "detector"
+DEFAULT_MODEL_DIR = Path(files("faceset_models")) / "detector"  # the shipped detector, in a checkout or a wheel
 PNET_CELL, PNET_STRIDE = 12, 2
 
 
