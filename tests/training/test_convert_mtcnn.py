@@ -6,9 +6,7 @@ The wheel is not vendored; .ci/run downloads it. To run the conversion tests by 
 """
 from __future__ import annotations
 
-import os
 import zipfile
-from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
@@ -19,15 +17,6 @@ import yaml
 from engines.detection.mtcnn import DEFAULT_MODEL_DIR, load_card
 from training.convert import mtcnn as convert_mtcnn
 from training.convert.mtcnn import NETS, ONet, PNet, RNet, convert, default_parity_images, random_inputs
-
-
-@pytest.fixture(scope="module")
-def wheel() -> Path:
-    path = os.environ.get("FACESET_MTCNN_WHEEL")
-    if not path or not Path(path).is_file():
-        pytest.skip("FACESET_MTCNN_WHEEL does not point at facenet_pytorch-2.6.0-py3-none-any.whl "
-                    "(pip download facenet-pytorch==2.6.0 --no-deps -d /tmp/fnp)")
-    return Path(path)
 
 
 @pytest.mark.parametrize("side", [12, 13, 37, 150])
