@@ -2,6 +2,8 @@
 person"): through HTTP, on the real Redis and real faces; two replicas agree."""
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 import pytest
 import redis
@@ -129,3 +131,17 @@ def test_replicas_agree_after_enrolments_negatives_and_deletions(client, setting
         _post(other, "/gallery/a", g, a[:1])
         assert client.get("/gallery/a", headers=g).json()["photos"] == 1
         assert client.get("/gallery/a", headers=g).json()["negatives"] == 0
+
+
+def test_concurrent_additions_on_two_replicas_lose_no_photo(client, settings, people):
+    g = _gallery(settings, "concurrent")
+    found = _post(client, "/embed", {}, people["7203"][:3], params={"include_style": True})["results"]
+    frames = [{k: r["faces"][0][k] for k in ("embedding", "magnitude", "style")} for r in found] * 4  # 12 frames
+    _post(client, "/gallery/at-once", g, json={"frames": frames})
+    _post(client, "/gallery/c", g, json={"frames": frames[:1]})
+    with TestClient(create_app(settings)) as other, ThreadPoolExecutor(8) as pool:
+        replicas = [client, other] * 6
+        list(pool.map(lambda k: _post(replicas[k], "/gallery/c", g, json={"frames": [frames[k]], "mode": "add"}),
+                      range(1, len(frames))))
+    assert client.get("/gallery/c", headers=g).json()["photos"] == len(frames)
+    assert float(_vector(client, g, "c") @ _vector(client, g, "at-once")) > 0.9999
