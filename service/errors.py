@@ -70,6 +70,12 @@ class NoFace(ServiceError):
     code = "no_face"
 
 
+class LowQuality(ServiceError):
+    """A face below the model card's quality floor where the request needs a reliable one (enrolment)."""
+
+    code = "low_quality"
+
+
 class Overloaded(ServiceError):
     code = "overloaded"
 
@@ -99,6 +105,7 @@ STATUS: dict[type[ServiceError], int] = {
     UndecodableImage: 422,
     ImageTooLarge: 422,
     NoFace: 422,
+    LowQuality: 422,
     Overloaded: 429,
     Unavailable: 503,
     RequestTimeout: 408,

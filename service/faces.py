@@ -18,6 +18,7 @@ from engines.batcher import DynamicBatcher
 from engines.detection import Detection
 from engines.model_card import ModelCardError, resolve_far, threshold_at
 from engines.pipeline import Face, FacePipeline
+from service.decisions import far_threshold
 from service.errors import InvalidInput, NoFace
 from service.images import decode
 from service.metrics import Metrics
@@ -50,6 +51,7 @@ class Verdict:
     match: bool
     threshold: float
     far: float
+    band: tuple[float, float] | None  # the pair-quality band whose threshold decided (None: the overall one)
     a: SideResult
     b: SideResult
 
@@ -110,10 +112,14 @@ class FaceService:
             raise InvalidInput(str(exc)) from None
 
     async def verify(self, a: VerifySide, b: VerifySide, far: float) -> Verdict:
-        used, threshold = self.threshold(far)
+        self.threshold(far)  # a FAR the card cannot serve is refused before any image is read
         side_a, side_b = await asyncio.gather(self._side("a", a), self._side("b", b))
+        qualities = [s.face.quality if s.face is not None else None for s in (side_a, side_b)]
+        lower = None if None in qualities else min(qualities)  # an embedding side has no quality: overall threshold
+        used, threshold, band = far_threshold(self.card, far, lower)
         similarity = float(np.dot(side_a.embedding, side_b.embedding))
-        return Verdict(similarity, similarity >= threshold, threshold, used, side_a, side_b)
+        return Verdict(similarity, similarity >= threshold, threshold, used, band and (band.low, band.high),
+                       side_a, side_b)
 
     async def _side(self, label: str, side: VerifySide) -> SideResult:
         if side.embedding is not None:

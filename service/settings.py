@@ -82,7 +82,13 @@ class Settings(BaseSettings):
         description="Smallest face (shorter box side, px) returned when the request sets no min_face_size.")
     default_far: float = Field(
         default=1e-3, gt=0, lt=1,
-        description="False accept rate whose calibrated threshold /verify uses when the request names none.")
+        description="False accept rate whose calibrated threshold /verify uses when the request names none "
+                    "(and /gallery/search, with a model card that has no FPIR calibration).")
+    default_fpir: float = Field(
+        default=1e-2, gt=0, lt=1,
+        description="False positive identification rate of /gallery/search when the request names neither fpir "
+                    "nor far: the share of people not enrolled identified as someone. Lower: fewer strangers "
+                    "let in, more enrolled people not recognised. Must lie in the model card's calibrated range.")
     api_keys: list[SecretStr] = Field(
         default_factory=list,
         description="Accepted X-API-Key values (JSON list). Empty: no authentication (development only).")
@@ -124,6 +130,24 @@ class Settings(BaseSettings):
                     "rewritten at most once per interval (a burst of deletions costs one rewrite), and every replica "
                     "brings its gallery indexes up to Redis at least this often. Shorter: erasure completes sooner, "
                     "at the cost of more rewrites (each writes the whole data set to disk).")
+    gallery_exact_max: int = Field(
+        default=100_000, ge=0,
+        description="Largest gallery searched exactly (a scan of every vector). Above it an approximate index is "
+                    "built in the background and its shortlist re-scored exactly: much faster searches, a rare "
+                    "missed neighbour (benchmarks/RESULTS.md). Higher: exact answers further up, slower searches there.")
+    gallery_probe: float = Field(
+        default=1.0, gt=0, le=1,
+        description="Share of the approximate index's lists each search scans. Lower: faster searches, lower "
+                    "recall on galleries without cluster structure (random vectors need 1; real faces cluster).")
+    gallery_snapshot_min: int = Field(
+        default=10_000, ge=0,
+        description="Smallest gallery whose index a replica keeps a snapshot of in state_dir, so a cold replica "
+                    "loads it in seconds instead of reading every vector from Redis. Lower: more files on disk.")
+    gallery_snapshot_interval_s: float = Field(
+        default=600.0, ge=0,
+        description="Seconds between rewrites of a changed gallery's snapshot (0: no snapshots). Deletions rewrite "
+                    "it within erasure_interval_s whatever this says. Shorter: less log to catch up at a cold "
+                    "start, more disk writes (the whole index each time).")
     log_level: Literal["debug", "info", "warning", "error"] = Field(default="info", description="Log level.")
 
     @field_validator("engine", mode="before")

@@ -15,8 +15,9 @@ Card version 2 adds, from the same faces (ModelCard's OpenSet, QualityBand, Qual
              impostor pairs' lower quality (so every band holds enough impostors for FAR 1e-4).
   floors     genuine pairs binned by their lower quality (20 quantile bins); a bin errs when it fails the
              FAR 1e-3 threshold more often than `ratio` × the median bin. A floor is the upper edge of
-             the run of erring bins from the bottom: ratio 1.25 for probes (errors clearly climb);
-             enrolments use the same floor (an identity is refused only when none of its photos reaches it).
+             the run of erring bins from the bottom: ratio 1.25 for probes (errors clearly climb: the answer
+             is low_quality), 1.5 for enrolments (a refusal turns a person away, so only where errors are far
+             above typical; an identity is refused only when none of its photos reaches it).
 """
 from __future__ import annotations
 
@@ -34,7 +35,7 @@ from training.eval.pairs import threshold_at_far
 DEFAULT_FARS = (1e-2, 1e-3, 1e-4)
 CHECK_FPIRS = (0.1, 0.03, 0.01, 0.003, 0.001)
 BAND_QUANTILES = (0.5, 0.8, 0.95)  # of the impostor pairs' lower quality
-FLOOR_RATIO = 1.25
+FLOOR_RATIOS = (1.25, 1.5)  # probes, enrolments
 
 
 def embed_tree(card: ModelCard, root: Path, threads: int = 0, batch: int = 64) -> tuple[np.ndarray, np.ndarray]:
@@ -130,16 +131,20 @@ def calibrate_bands(genuine, impostor, gq, iq, fars=DEFAULT_FARS) -> list[Qualit
     return bands
 
 
-def calibrate_floors(genuine, gq, threshold: float, bins: int = 20, ratio: float = FLOOR_RATIO) -> QualityFloors:
+def calibrate_floors(genuine, gq, threshold: float, bins: int = 20, ratios=FLOOR_RATIOS) -> QualityFloors:
     edges = np.quantile(gq, np.linspace(0, 1, bins + 1))
     errors = np.array([np.mean(genuine[(gq >= lo) & (gq < hi)] < threshold) for lo, hi in zip(edges[:-1], edges[1:])])
-    climbing = errors > ratio * np.median(errors)
-    k = int(np.argmin(climbing)) if not climbing.all() else bins  # erring bins from the bottom
-    floor = float(edges[k]) if k else 0.0
-    return QualityFloors(probe=floor, enrolment=floor, rule=(
-        f"genuine hold-out pairs in {bins} quantile bins of their lower quality; bins failing the FAR 1e-3 threshold "
-        f"more than {ratio} x the median bin's rate ({np.median(errors):.3f}), counted from the bottom, lie below the "
-        f"floor (their rates: {', '.join(f'{e:.3f}' for e in errors[:k])}); enrolments: refused when no photo reaches it"))
+
+    def floor(ratio: float) -> float:
+        climbing = errors > ratio * np.median(errors)
+        k = int(np.argmin(climbing)) if not climbing.all() else bins  # erring bins from the bottom
+        return float(edges[k]) if k else 0.0
+
+    return QualityFloors(probe=floor(ratios[0]), enrolment=floor(ratios[1]), rule=(
+        f"genuine hold-out pairs in {bins} quantile bins of their lower quality; a floor is the upper edge of the "
+        f"bins, counted from the bottom, failing the FAR 1e-3 threshold more than ratio x the median bin's rate "
+        f"({np.median(errors):.3f}): ratio {ratios[0]} for probes, {ratios[1]} for enrolments (refused when no photo "
+        f"reaches it); rates from the bottom: {', '.join(f'{e:.3f}' for e in errors[:6])}"))
 
 
 def calibrate(card: ModelCard, emb: np.ndarray, labels: np.ndarray, dataset: str, fars=DEFAULT_FARS,

@@ -55,7 +55,8 @@ async def verify(request: Annotated[VerifyRequest, Depends(VERIFY)], faces: Face
     far = settings.default_far if request.far is None else request.far
     verdict = await faces.verify(request.a, request.b, far)
     return VerifyResponse(similarity=verdict.similarity, match=verdict.match, threshold=verdict.threshold,
-                          far=verdict.far, a=side_info(verdict.a), b=side_info(verdict.b))
+                          far=verdict.far, band=verdict.band and list(verdict.band), a=side_info(verdict.a),
+                          b=side_info(verdict.b))
 
 
 def model_info(faces) -> ModelInfo:

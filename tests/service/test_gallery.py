@@ -41,7 +41,7 @@ def test_enrolled_people_are_identified_and_strangers_are_not(client, settings, 
     g = _gallery(settings, "identify")
     for k in range(4):  # person 4 stays a stranger
         assert _enrol(client, g, f"p{k}", people[k][:4])["count"] == k + 1
-    results = _search(client, g, [people[k][5] for k in range(5)], top_k=3)  # the default FAR, 1e-3
+    results = _search(client, g, [people[k][5] for k in range(5)], top_k=3, far=1e-3)  # a 1:1 threshold
     card = client.app.state.faces.card
     assert all(r["threshold"] == card.calibration.thresholds[1e-3] for r in results)
     assert [r["identified"] for r in results[:4]] == ["p0", "p1", "p2", "p3"]
@@ -106,9 +106,12 @@ def test_bad_gallery_requests(client, settings, people):
     reserved = client.post("/gallery/search", files=[("images", people[0][0])], headers=g)
     assert reserved.status_code == 200  # the search route, never an enrolment called "search"
     assert client.get("/gallery", headers={"X-Gallery": "bad name!"}).status_code == 422
-    face_none = client.post("/gallery/search", files=[("images", blank.getvalue())], headers=g).json()["results"][0]
-    threshold_at_default_far = client.app.state.faces.card.calibration.thresholds[1e-3]
-    assert face_none == {"matches": [], "identified": None, "threshold": threshold_at_default_far}
+    face_none = client.post("/gallery/search", files=[("images", blank.getvalue())], params={"far": 1e-3},
+                            headers=g).json()["results"][0]
+    threshold_at_far = client.app.state.faces.card.calibration.thresholds[1e-3]
+    assert face_none | {"fpir": None, "gallery_size": None} == {"matches": [], "identified": None, "threshold": threshold_at_far,
+                                                               "decision": "unknown", "fpir": None, "gallery_size": None,
+                                                               "quality": None}
 
 
 def test_replicas_follow_each_other_through_redis(settings, people, client):

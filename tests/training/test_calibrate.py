@@ -66,4 +66,8 @@ def test_quality_bands_and_floor_from_error_versus_quality():
     gq = np.linspace(0, 1, 2000, endpoint=False)
     genuine = np.where(gq < 0.2, 0.0, np.tile([0.0, 1.0], 1000))
     floors = calibrate_floors(genuine, gq, threshold=0.5)
-    assert abs(floors.probe - 0.2) < 1e-3 and floors.enrolment == floors.probe
+    assert abs(floors.probe - 0.2) < 1e-3 and floors.enrolment == floors.probe  # both ratios: a clear climb
+    # a milder climb (errors 1.4 x the plateau) is a probe floor but turns no enrolment away
+    mild = np.where(gq < 0.2, np.tile([0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0, 1.0, 1.0], 200), np.tile([0.0, 1.0], 1000))
+    floors = calibrate_floors(mild, gq, threshold=0.5)
+    assert abs(floors.probe - 0.2) < 1e-3 and floors.enrolment == 0

@@ -1,0 +1,153 @@
+"""Open-set decisions (issue 12): FPIR thresholds at the gallery's size, quality floors, /verify quality bands.
+Real faces, the real Redis (own key prefix), the shipped card's calibration."""
+from __future__ import annotations
+
+import io
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from fastapi.testclient import TestClient
+from PIL import Image, ImageFilter
+
+from engines.model_card import fpir_threshold
+from service.app import create_app
+from tests.helpers import drop_keys, make_settings
+
+pytestmark = pytest.mark.data
+
+
+@pytest.fixture(scope="module")
+def people(data_dir) -> list[list[bytes]]:
+    """Photos of six CelebA-299 identities, eight each."""
+    folders = [p for p in sorted((data_dir / "celeba-299").iterdir()) if len(list(p.glob("*.jpg"))) >= 8][20:26]
+    return [[f.read_bytes() for f in sorted(d.glob("*.jpg"))[:8]] for d in folders]
+
+
+def _g(settings, name: str) -> dict:
+    return {"X-Gallery": f"{settings.key_prefix.strip(':')}.{name}"}
+
+
+def _quality(client, photo: bytes) -> float:
+    return client.post("/embed", files=[("images", photo)]).json()["results"][0]["faces"][0]["quality"]
+
+
+def _sharpest(client, photos: list[bytes]) -> bytes:
+    return max(photos, key=lambda p: _quality(client, p))
+
+
+def _poorest(client, photos: list[bytes]) -> bytes:
+    """The degraded photo of lowest quality in which a face is still found."""
+    found = [p for p in map(_degraded, photos) if client.post("/embed", files=[("images", p)]).json()["results"][0]["faces"]]
+    return min(found, key=lambda p: _quality(client, p))
+
+
+def _degraded(photo: bytes) -> bytes:
+    """The photo shrunk to half and blurred, then brought back to its size: a face still found, poorly seen."""
+    image = Image.open(io.BytesIO(photo)).convert("RGB")
+    small = image.resize((image.width // 2, image.height // 2)).filter(ImageFilter.GaussianBlur(2))
+    out = io.BytesIO()
+    small.resize(image.size).save(out, format="JPEG")
+    return out.getvalue()
+
+
+def test_threshold_comes_from_the_card_and_grows_with_the_gallery(client, settings):
+    card, g = client.app.state.faces.card, _g(settings, "sizes")
+    rng = np.random.default_rng(0)
+    vectors = rng.normal(size=(40, card.embedding_size))
+    probe = {"embedding": vectors[0].tolist()}
+    client.post("/gallery/v0", json={"embedding": vectors[0].tolist()}, headers=g)
+    one = client.post("/gallery/search", json=probe, headers=g).json()["results"][0]
+    for k in range(1, 40):
+        client.post(f"/gallery/v{k}", json={"embedding": vectors[k].tolist()}, headers=g)
+    forty = client.post("/gallery/search", json=probe, headers=g).json()["results"][0]
+    assert (one["gallery_size"], forty["gallery_size"]) == (1, 40)
+    assert one["threshold"] == pytest.approx(fpir_threshold(card, settings.default_fpir, 1))
+    assert forty["threshold"] == pytest.approx(fpir_threshold(card, settings.default_fpir, 40))
+    assert forty["threshold"] > one["threshold"]
+    assert forty["fpir"] == pytest.approx(settings.default_fpir)
+    assert forty["decision"] == "identified" and forty["identified"] == "v0" and forty["quality"] is None
+    by_far = client.post("/gallery/search", json={**probe, "far": 1e-3}, headers=g).json()["results"][0]
+    assert by_far["threshold"] == card.calibration.thresholds[1e-3]  # far keeps its 1:1 meaning
+    assert by_far["fpir"] > 1e-3  # ... which lets in more strangers in a gallery of 40
+
+
+def test_stranger_is_unknown_and_a_poor_probe_is_low_quality(client, settings, people):
+    g = _g(settings, "decide")
+    for k in range(5):  # person 5 is never enrolled
+        r = client.post(f"/gallery/p{k}", files=[("images", p) for p in people[k][:4]], headers=g)
+        assert r.status_code == 200, r.text
+    floor = client.app.state.faces.card.calibration.floors.probe
+    stranger, known = _sharpest(client, people[5]), _sharpest(client, people[0][4:])
+    poor = _poorest(client, people[0][4:])
+    assert _quality(client, poor) < floor <= _quality(client, known)
+    results = client.post("/gallery/search", files=[("images", p) for p in (stranger, known, poor)],
+                          headers=g).json()["results"]
+    assert [r["decision"] for r in results] == ["unknown", "identified", "low_quality"]
+    assert [r["identified"] for r in results] == [None, "p0", None]
+    assert results[2]["matches"] and results[2]["quality"] < floor  # matches still listed
+
+
+def test_enrolment_below_the_floor_needs_force(client, settings, people):
+    g = _g(settings, "floor")
+    poor = min(people[4], key=lambda p: _quality(client, p))  # a real photo, seen poorly
+    assert _quality(client, poor) < client.app.state.faces.card.calibration.floors.enrolment
+    refused = client.post("/gallery/weak", files=[("images", poor)], headers=g)
+    assert refused.status_code == 422 and refused.json()["error"]["code"] == "low_quality"
+    assert client.get("/gallery", headers=g).json()["count"] == 0
+    assert client.post("/gallery/weak", files=[("images", poor)], params={"force": "true"}, headers=g).status_code == 200
+    assert client.post("/gallery/weak2", files=[("images", poor)], data={"force": "true"}, headers=g).status_code == 200
+
+
+@pytest.mark.parametrize("fpir", [1e-5, 0.5, 0, 1.5])
+def test_fpir_out_of_range_is_422_in_every_encoding(client, settings, people, fpir):
+    g = _g(settings, "range")
+    answers = [
+        client.post("/gallery/search", json={"embedding": [1.0] * 128, "fpir": fpir}, headers=g),
+        client.post("/gallery/search", files=[("images", people[0][0])], data={"fpir": str(fpir)}, headers=g),
+        client.post("/gallery/search", files=[("images", people[0][0])], params={"fpir": fpir}, headers=g),
+    ]
+    for r in answers:
+        assert r.status_code == 422 and r.json()["error"]["code"] == "invalid_input", r.text
+        if 0 < fpir < 1:
+            assert "[0.001, 0.1]" in r.json()["error"]["message"]
+    both = client.post("/gallery/search", json={"embedding": [1.0] * 128, "fpir": 0.01, "far": 1e-3}, headers=g)
+    assert both.status_code == 422 and "at most one" in both.json()["error"]["message"]
+
+
+def test_verify_uses_the_pair_quality_band(client, people):
+    card = client.app.state.faces.card
+    a, b = people[2][0], people[2][1]
+    r = client.post("/verify", files=[("a", a), ("b", b)]).json()
+    lower = min(r["a"]["quality"], r["b"]["quality"])
+    band = next(x for x in card.calibration.quality_bands if x.low <= lower < x.high or (x.high == 1 and lower == 1))
+    assert r["band"] == [band.low, band.high] and r["threshold"] == band.thresholds[1e-3]
+    ea, eb = (client.post("/embed", files=[("images", p)]).json()["results"][0]["faces"][0]["embedding"] for p in (a, b))
+    r = client.post("/verify", json={"a": {"embedding": ea}, "b": {"embedding": eb}}).json()
+    assert r["band"] is None and r["threshold"] == card.calibration.thresholds[1e-3]
+
+
+def test_version_1_card_serves_far_only(tmp_path, redis_available, people):
+    source = Path(__file__).resolve().parents[2] / "models" / "default"
+    data = yaml.safe_load((source / "card.yaml").read_text())
+    data["card_version"] = 1
+    for key in ("open_set", "quality_bands", "floors"):
+        data["calibration"].pop(key)
+    shutil.copy(source / data["files"]["onnx"]["path"], tmp_path)
+    (tmp_path / "card.yaml").write_text(yaml.safe_dump(data))
+    settings = make_settings(model_card=tmp_path)
+    g = {"X-Gallery": "old"}
+    try:
+        with TestClient(create_app(settings)) as old:
+            assert old.post("/gallery/p", files=[("images", people[3][0])], headers=g).status_code == 200
+            r = old.post("/gallery/search", files=[("images", people[3][1])], headers=g).json()["results"][0]
+            assert r["threshold"] == data["calibration"]["thresholds"][settings.default_far]
+            assert r["fpir"] is None and r["decision"] in ("identified", "unknown") and r["gallery_size"] == 1
+            refused = old.post("/gallery/search", json={"embedding": [1.0] * 128, "fpir": 0.01}, headers=g)
+            assert refused.status_code == 422 and "no FPIR calibration" in refused.json()["error"]["message"]
+            v = old.post("/verify", files=[("a", people[3][0]), ("b", people[3][1])]).json()
+            assert v["band"] is None and v["threshold"] == data["calibration"]["thresholds"][settings.default_far]
+    finally:
+        drop_keys(settings)
