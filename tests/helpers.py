@@ -3,7 +3,11 @@ from __future__ import annotations
 
 import importlib.util
 import socket
+import threading
+import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +25,32 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@contextmanager
+def live_server(settings: Settings) -> Iterator[tuple[str, int]]:
+    """The app under a real uvicorn server on a free loopback port, in a thread: yields (base URL, port).
+    uvicorn's loggers propagate (log_config=None), so caplog sees them."""
+    import uvicorn
+
+    from service.app import create_app
+    from service.limits import server_options
+
+    port = free_port()
+    config = uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_config=None, access_log=False,
+                            **server_options(settings))
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not server.started and thread.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    try:
+        assert server.started, "the server did not start within 60 s"
+        yield f"http://127.0.0.1:{port}", port
+    finally:
+        server.should_exit = True
+        thread.join(30)
 
 
 def lfw_pairs(data_dir: Path, same: bool, k: int) -> list[tuple[str, int, str, int]]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
+from service import schemas
 from service.inputs import RequestBody
 from service.schemas import REQUESTS
 
@@ -74,6 +75,13 @@ def install(app: FastAPI) -> None:
                 components.update(js.pop("$defs", {}))
                 components[model.__name__] = js
             add_links(schema["paths"])
+            add_one_of(components)
+            faces = getattr(app.state, "faces", None)
+            if faces is None:  # not started: the served model's sizes are unknown, so this one is not kept
+                return schema
+            templates = app.state.templates
+            add_sizes(components, {"embedding": faces.card.embedding_size,
+                                   "style": templates.fusion.card.style_size if templates else None})
             app.openapi_schema = schema
         return app.openapi_schema
 
@@ -88,3 +96,24 @@ def add_links(paths: dict) -> None:
         for name, (target, parameters) in links.items():
             if target in ids:
                 out[name] = {"operationId": ids[target], "parameters": parameters}
+
+
+def add_sizes(components: dict, sizes: dict[str, int | None]) -> None:
+    """The served model's vector lengths on every array field of that name, in requests and responses:
+    requests are validated against them (`service.schemas.Embedding`), so clients and fuzzers can know."""
+    for component in components.values():
+        for name, prop in component.get("properties", {}).items():
+            for option in prop.get("anyOf", [prop]):
+                if sizes.get(name) and option.get("type") == "array":
+                    option.update(minItems=sizes[name], maxItems=sizes[name])
+
+
+def add_one_of(components: dict) -> None:
+    """A body taking exactly one of some fields (its model's `one_of`) says so: `oneOf` of each one
+    required, the fields without their null branch (null is the same as leaving a field out)."""
+    for name, component in components.items():
+        fields = getattr(getattr(schemas, name, None), "one_of", ())
+        for field in fields:
+            component["properties"][field] = _present(component["properties"][field])
+        if fields:
+            component["oneOf"] = [{"required": [field]} for field in fields]

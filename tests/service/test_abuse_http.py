@@ -4,19 +4,15 @@ from __future__ import annotations
 import json
 import logging
 import socket
-import threading
 import time
 import urllib.error
 import urllib.request
 
 import httpx
 import pytest
-import uvicorn
 from prometheus_client.parser import text_string_to_metric_families
 
-from service.app import create_app
-from service.limits import server_options
-from tests.helpers import drop_keys, free_port, make_settings
+from tests.helpers import drop_keys, live_server, make_settings
 
 MAX_BODY = 2 * 1024 * 1024
 SLOTS, BODY_TIMEOUT_S, HEADER_TIMEOUT_S = 2, 1.0, 1.0
@@ -24,23 +20,13 @@ SLOTS, BODY_TIMEOUT_S, HEADER_TIMEOUT_S = 2, 1.0, 1.0
 
 @pytest.fixture(scope="module")
 def server(redis_available):
-    """The app under uvicorn in a thread; uvicorn's loggers propagate (log_config=None) so caplog sees them."""
     settings = make_settings(max_body_bytes=MAX_BODY, max_concurrent_requests=SLOTS, body_timeout_s=BODY_TIMEOUT_S,
                              header_timeout_s=HEADER_TIMEOUT_S)
-    port = free_port()
-    config = uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_config=None, access_log=False,
-                            **server_options(settings))
-    srv = uvicorn.Server(config)
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not srv.started and thread.is_alive() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert srv.started, "the server did not start within 60 s"
-    yield f"http://127.0.0.1:{port}", port
-    srv.should_exit = True
-    thread.join(30)
-    drop_keys(settings)
+    try:
+        with live_server(settings) as running:
+            yield running
+    finally:
+        drop_keys(settings)
 
 
 def _requests(base: str) -> dict[tuple, float]:

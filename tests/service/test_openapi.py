@@ -50,3 +50,18 @@ def test_links_resolve_to_operations_and_their_parameters(client):
     served = {(method, path) for path, ops in spec["paths"].items() for method in ops}
     assert found == {(*source, name) for source, links in LINKS.items() for name, (target, _) in links.items()
                      if target in served}  # only a target that is not served is left out
+
+
+def test_bodies_state_exactly_one_of_and_the_served_sizes(client):
+    """What validation enforces beyond the field types, so a client (or a fuzzer) can send a valid body."""
+    components = client.get("/openapi.json").json()["components"]["schemas"]
+    search = components["GallerySearchRequest"]
+    assert search["oneOf"] == [{"required": ["images"]}, {"required": ["embedding"]}]
+    assert "anyOf" not in search["properties"]["images"]  # null is leaving it out, not a choice
+    size = client.app.state.faces.card.embedding_size
+    assert search["properties"]["embedding"]["minItems"] == search["properties"]["embedding"]["maxItems"] == size
+    assert components["FaceOut"]["properties"]["embedding"]["maxItems"] == size
+    style = client.app.state.templates.fusion.card.style_size
+    assert components["FrameData"]["properties"]["style"]["anyOf"][0]["minItems"] == style
+    r = client.post("/gallery/search", json={"embedding": [0.5] * size})
+    assert r.status_code == 200, r.text  # the documented shape is accepted
