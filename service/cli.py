@@ -27,6 +27,8 @@ def serve(
     One process per replica: the dynamic batcher shares inferences between its requests.
     """
     import logging
+    import signal
+    import sys
 
     import uvicorn
 
@@ -36,6 +38,9 @@ def serve(
 
     settings = get_settings()
     logging.basicConfig(level=settings.log_level_number, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # uvicorn re-raises SIGTERM once its graceful shutdown is done: without a handler every clean stop by an
+    # orchestrator would end as "killed by SIGTERM" (exit 143), like a process killed mid-request
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     uvicorn.run(create_app(settings), host=host, port=port, log_level=settings.log_level, proxy_headers=True,
                 server_header=False, timeout_graceful_shutdown=30, **server_options(settings))
 

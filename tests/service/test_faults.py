@@ -1,13 +1,17 @@
 """Faults under load (issue 11, the suite): Redis killed mid-stream, the service sent SIGTERM mid-request."""
 from __future__ import annotations
 
+import os
 import shutil
+import signal
 import subprocess
+import sys
 import threading
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
+import httpx
 import numpy as np
 import pytest
 import redis
@@ -15,7 +19,7 @@ from fastapi.testclient import TestClient
 
 from service.app import create_app
 from service.templates import frame_deltas
-from tests.helpers import free_port, make_settings, photo
+from tests.helpers import REDIS_URL, drop_keys, free_port, make_settings, photo
 
 WRITERS, TEMPLATES, CALLS, PER_CALL = 8, 4, 30, 4
 BOUND_S = 60.0
@@ -127,3 +131,79 @@ def test_redis_killed_mid_stream_loses_nothing_acknowledged_and_counts_nothing_t
             assert float(np.dot(got.json()["embedding"], reference)) > 0.9999
         assert client.get("/readyz").status_code == 200
     assert time.monotonic() - started < BOUND_S
+
+
+CLIENTS, IMAGES_PER_REQUEST = 6, 6
+EXIT_BOUND_S = 35.0  # uvicorn's timeout_graceful_shutdown (service/cli.py) is 30 s
+
+
+def _serve(port: int, prefix: str) -> subprocess.Popen:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FACESET_")} | {
+        "FACESET_REDIS_URL": REDIS_URL, "FACESET_KEY_PREFIX": prefix, "FACESET_ENGINE_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "service.cli", "serve", "--port", str(port)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline, ready = time.monotonic() + 60, None
+    while time.monotonic() < deadline and proc.poll() is None and (ready is None or ready.status_code != 200):
+        try:
+            ready = httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2)
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    if ready is None or ready.status_code != 200:
+        proc.kill()
+        pytest.fail(f"faceset serve was not ready within 60 s: {proc.communicate(timeout=10)[0][-2000:]}")
+    return proc
+
+
+def _embed(base: str, files: list, log: list) -> None:
+    """One /embed on a connection of its own; logs (sent, done, status or the error's type)."""
+    sent = time.monotonic()
+    try:
+        outcome = httpx.post(f"{base}/embed", files=files, timeout=60).status_code
+    except httpx.HTTPError as exc:
+        outcome = type(exc).__name__
+    log.append((sent, time.monotonic(), outcome))
+
+
+@pytest.mark.slow
+def test_sigterm_under_load_finishes_requests_in_flight_refuses_new_ones_and_exits(redis_available, lfw):
+    port, settings = free_port(), make_settings()
+    base = f"http://127.0.0.1:{port}"
+    files = [("images", (f"{i}.jpg", photo(lfw, "Abel_Pacheco"), "image/jpeg")) for i in range(IMAGES_PER_REQUEST)]
+    proc = _serve(port, settings.key_prefix)
+    log: list = []
+    try:
+        stop = threading.Event()
+
+        def client() -> None:
+            for _ in range(50):  # bounded; stops sending at SIGTERM
+                if stop.is_set():
+                    return
+                _embed(base, files, log)
+
+        threads = [threading.Thread(target=client) for _ in range(CLIENTS)]
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + 30
+        while sum(o == 200 for _, _, o in log) < CLIENTS and time.monotonic() < deadline:
+            time.sleep(0.01)
+        stop.set()
+        term = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        time.sleep(0.2)
+        late: list = []
+        _embed(base, files, late)  # a new connection after SIGTERM
+        for t in threads:
+            t.join(60)
+        out = proc.communicate(timeout=EXIT_BOUND_S)[0]
+        exited = time.monotonic() - term
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    in_flight = [o for sent, done, o in log if sent < term - 0.1 and done > term]  # surely received before SIGTERM
+    assert in_flight and all(o == 200 for o in in_flight), (in_flight, out[-2000:])
+    assert late[0][2] in ("ConnectError", 503), late
+    assert proc.returncode == 0 and exited < EXIT_BOUND_S, (proc.returncode, exited, out[-2000:])
+    keys = list(redis.Redis.from_url(REDIS_URL).scan_iter(match=f"{settings.key_prefix}*"))
+    drop_keys(settings)
+    assert keys == []  # /embed writes nothing to Redis, and shutdown leaves nothing behind
