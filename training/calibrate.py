@@ -3,8 +3,10 @@
 Torch-free: the exported ONNX runs through the card's engine on faces of identities never
 trained on (training.data.split). Every pair of faces is scored: same identity = genuine, other
 identities = impostor (all-vs-all). The threshold at FAR f is the lowest cosine accepting at most
-⌊f·impostors⌋ impostor pairs (training.eval.pairs.threshold_at_far). Quality maps magnitudes
-linearly between their 1st and 99th percentiles on the same faces.
+⌊f·impostors⌋ impostor pairs (training.eval.pairs.threshold_at_far). A card without a quality mapping
+gets one (magnitudes mapped linearly between their 1st and 99th percentiles on the same faces); a card
+that has one keeps it (unless `set_quality`): the mapping is part of the model, not of its calibration
+(stored gallery and template qualities, and the CAFace fusion model trained on it, depend on it).
 
 Card version 2 adds, from the same faces (ModelCard's OpenSet, QualityBand, QualityFloors):
   open set   a generalised Pareto tail fitted to the impostor cosines above their (1 − zeta) quantile
@@ -28,7 +30,7 @@ from PIL import Image
 
 from engines.base import build_engine, embed_aligned
 from engines.model_card import (Calibration, ModelCard, OpenSet, Quality, QualityBand, QualityFloors, fpir_at,
-                                tail_threshold)
+                                quality_from_magnitude, tail_threshold)
 from training.data.folder import list_identities
 from training.eval.pairs import threshold_at_far
 
@@ -148,11 +150,13 @@ def calibrate_floors(genuine, gq, threshold: float, bins: int = 20, ratios=FLOOR
 
 
 def calibrate(card: ModelCard, emb: np.ndarray, labels: np.ndarray, dataset: str, fars=DEFAULT_FARS,
-              method: str = "aligned hold-out crops through the card's engine (flip TTA as the card says)") -> ModelCard:
+              method: str = "aligned hold-out crops through the card's engine (flip TTA as the card says)",
+              set_quality: bool = False) -> ModelCard:
     norms = np.linalg.norm(emb, axis=1)
-    low, high = np.percentile(norms, [1, 99])
-    card.quality = Quality(low=float(low), high=float(high))
-    quality = np.clip((norms - low) / (high - low), 0, 1)
+    if card.quality is None or set_quality:
+        low, high = np.percentile(norms, [1, 99])
+        card.quality = Quality(low=float(low), high=float(high))
+    quality = quality_from_magnitude(card, norms)
     genuine, impostor, gq, iq = pair_scores(emb, labels, quality)
     thresholds = {float(f): float(threshold_at_far(impostor, f)) for f in fars if f * impostor.size >= 1}
     card.card_version = 2

@@ -147,9 +147,12 @@ def calibrate(
                                                          "pipeline (.npz: embedding (N, D), identity (N,); "
                                                          "benchmarks/open_set.py embed)")] = None,
     threads: Threads = 0,
+    set_quality: Annotated[bool, typer.Option(help="replace the card's quality mapping with the hold-out's magnitude "
+                                                    "percentiles (changes stored qualities; a fusion model trained "
+                                                    "on the old mapping no longer matches)")] = False,
 ) -> None:
-    """Verification thresholds at FARs (overall and per quality band), quality range and floors, and the open-set
-    FPIR(t, N) tail model of a model card, on held-out identities."""
+    """Verification thresholds at FARs (overall and per quality band), quality floors and the open-set FPIR(t, N)
+    tail model of a model card, on held-out identities; the quality mapping only where the card has none."""
     import numpy as np
 
     from engines.model_card import ModelCard
@@ -165,7 +168,7 @@ def calibrate(
         data = np.load(embeddings)
         found = ~np.isnan(data["embedding"][:, 0])  # photos without a face
         emb, labels = data["embedding"][found], np.unique(data["identity"][found], return_inverse=True)[1]
-    model = calibrate_card(model, emb, labels, dataset)
+    model = calibrate_card(model, emb, labels, dataset, set_quality=set_quality)
     model.save(card)
     c = model.calibration
     typer.echo(f"{c.positive_pairs} genuine / {c.negative_pairs} impostor pairs; thresholds {c.thresholds}; "

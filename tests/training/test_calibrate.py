@@ -1,6 +1,6 @@
 import numpy as np
 
-from engines.model_card import ModelCard
+from engines.model_card import ModelCard, Quality
 from engines.model_card import fpir_at, tail_threshold
 from training.calibrate import calibrate, calibrate_floors, nonmated_maxima, pair_scores
 
@@ -33,6 +33,17 @@ def test_thresholds_accept_at_most_far_of_impostors():
         assert (impostor >= np.nextafter(t, -1)).sum() > accepted or t == impostor.max()  # lowest such threshold
     norms = np.linalg.norm(emb, axis=1)
     assert np.isclose(card.quality.low, np.percentile(norms, 1)) and np.isclose(card.quality.high, np.percentile(norms, 99))
+
+
+
+def test_an_existing_quality_mapping_is_kept_unless_asked():
+    emb, labels = _identities()
+    card = _card()
+    card.quality = Quality(low=1.0, high=2.0)
+    assert calibrate(card, emb, labels, "synthetic").quality == Quality(low=1.0, high=2.0)
+    norms = np.linalg.norm(emb, axis=1)
+    replaced = calibrate(card, emb, labels, "synthetic", set_quality=True).quality
+    assert np.isclose(replaced.low, np.percentile(norms, 1)) and np.isclose(replaced.high, np.percentile(norms, 99))
 
 
 def _identities(n_ids=150, per=3, seed=0):
