@@ -52,6 +52,18 @@ def frame_deltas(fusion: FusionModel, contribution: FrameContribution) -> np.nda
     return np.stack([fusion.memory_delta(contribution.frame(i)).to_vector() for i in range(len(contribution.assignment))])
 
 
+def checked_deltas(fusion: FusionModel, contribution: FrameContribution, frames: list[Frame]) -> np.ndarray:
+    """`frame_deltas` of these frames (one contribution row each), refusing (422) the first frame whose
+    client-sent (finite but extreme) embedding, magnitude or style overflows the fusion model in float32:
+    stored, its NaN row would leave the memory unreadable."""
+    deltas = frame_deltas(fusion, contribution)
+    overflowed = [f.index for f, ok in zip(frames, np.isfinite(deltas).all(axis=1)) if not ok]
+    if overflowed:
+        raise InvalidInput(f"frames[{overflowed[0]}]: its embedding, magnitude or style overflows the "
+                           "fusion model (float32)")
+    return deltas
+
+
 def model_id(fusion: FusionModel) -> str:
     """Names the fusion model a memory was built with (name, version and a digest of both graphs)."""
     c = fusion.card
@@ -79,11 +91,7 @@ class TemplateService:
         rejected += [Rejection(kept[i].index, "low_quality") for i in range(len(kept)) if quality[i] < min_quality]
         kept = [kept[i] for i in good]
         if kept:
-            deltas = frame_deltas(self.fusion, self.fusion.assign(raw[good], style[good]))
-            overflowed = [f.index for f, ok in zip(kept, np.isfinite(deltas).all(axis=1)) if not ok]
-            if overflowed:  # a client's extreme (finite) values: stored, they would leave the template unreadable
-                raise InvalidInput(f"frames[{overflowed[0]}]: its embedding, magnitude or style overflows the "
-                                   "fusion model (float32)")
+            deltas = checked_deltas(self.fusion, self.fusion.assign(raw[good], style[good]), kept)
             result = await self.store.append(template_id, deltas, [f.frame_id for f in kept])
             rejected += [Rejection(f.index, "duplicate_frame_id") for f, added in zip(kept, result.added) if not added]
             accepted, memory = sum(result.added), result.memory
