@@ -22,7 +22,7 @@ from engines.model_card import ModelCard
 from engines.pipeline import FacePipeline
 from service import errors
 from service.faces import FaceService
-from service.gallery import GalleryService
+from service.gallery import GalleryService, IndexOptions
 from service.gallery_store import GalleryStore
 from service.health import HealthMonitor
 from service.limits import RequestBody
@@ -89,7 +89,7 @@ async def lifespan(app: FastAPI):
     state.faces = FaceService(pipeline, state.batcher, state.metrics, settings.max_image_pixels)
     state.templates, state.templates_off = build_templates(settings, state)
     galleries = GalleryStore(state.redis, settings.key_prefix, pipeline.card.embedding_size, on_erase=state.eraser.erased)
-    state.gallery = GalleryService(state.faces, galleries, state.templates)
+    state.gallery = GalleryService(state.faces, galleries, state.templates, IndexOptions.from_settings(settings))
     card = pipeline.card
     state.metrics.model.info({"name": card.name, "version": card.version, "engine": pipeline.engine.name})
     state.health = HealthMonitor(state.faces, state.redis, settings.self_test_interval_s,
@@ -104,6 +104,7 @@ async def lifespan(app: FastAPI):
         yield
     finally:
         follower.cancel()
+        state.gallery.close()
         await state.eraser.stop()
         await state.health.stop()
         await state.batcher.stop()

@@ -2,78 +2,61 @@
 
 Every request that reads a gallery first brings this replica's index up to the Redis log (one
 round trip when nothing changed), so a search sees every enrolment acknowledged before it, on
-any replica. The index is exact inner product over unit embeddings (cosine), on the GPU where
-faiss has one. An identity's vector is the CAFace fusion of every photo it was given (its memory
+any replica; concurrent reads share one catch-up. The index (`service.gallery_index`) is exact inner
+product over unit embeddings (cosine) up to FACESET_GALLERY_EXACT_MAX identities, an approximate index
+with an exactly re-scored shortlist above it. An identity's vector is the CAFace fusion of every photo it was given (its memory
 stays in Redis beside it, so photos can be added later); its negatives ("not this person") veto
-it for probes at least as close to one of them as to it (`veto`). Indexes live in this process's
-memory only (no FAISS snapshot is written anywhere), and `follow` brings them all up to Redis on
-a schedule, so a deleted identity leaves every replica within a bound even where nobody searches.
+it for probes at least as close to one of them as to it (`veto`). `follow` brings every index up to
+Redis on a schedule, so a deleted identity leaves every replica within a bound even where nobody
+searches, and rewrites the index's snapshot on disk (FACESET_STATE_DIR) in the same round after
+deletions; a cold replica loads a snapshot that Redis confirms (model, log position, checksum) and
+catches up from the log, or rebuilds from Redis.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
-from dataclasses import dataclass, field
+import math
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
 
 import faiss
 import numpy as np
 from redis.exceptions import RedisError
 
-from service.decisions import Decision, decide, search_rule
+from service.decisions import Decision, check_enrolment, decide, search_rule
 from service.errors import Conflict, InvalidInput, NoFace, NotFound, Unavailable
 from service.faces import EmbedOptions, FaceService, StyledFace
+from service.gallery_index import GalleryIndex, SnapshotError, read_snapshot, write_snapshot
 from service.gallery_store import GalleryStore, Photos
 from service.inputs import Frame
 from service.schemas import Embedding
-from service.templates import TemplateService, model_id
+from service.templates import TemplateService, checked_deltas, model_id
 
 log = logging.getLogger(__name__)
 
 ADD_ATTEMPTS = 8  # reads of an identity's memory before mode=add gives up to concurrent writers
 
 
-@dataclass
-class GalleryIndex:
-    """One gallery's index on this replica: an identity's FAISS id is its slot in Redis (`gallery_store`)."""
+@dataclass(frozen=True)
+class IndexOptions:
+    """How replicas index galleries (the FACESET_GALLERY_* settings); `snapshot_dir` None: no snapshots."""
 
-    dim: int
-    entry: str = "0-0"  # the last log entry applied
-    loaded: bool = False
-    index: faiss.Index = None
-    names: dict[int, str] = field(default_factory=dict)  # slot -> identity
-    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    exact_max: int = 100_000
+    probe: float = 1.0
+    snapshot_dir: Path | None = None
+    snapshot_min: int = 10_000
+    snapshot_interval_s: float = 600.0
 
-    def __post_init__(self) -> None:
-        self.reset()
-
-    def reset(self) -> None:
-        self.index = new_index(self.dim)
-        self.names, self.loaded = {}, False
-
-    def put(self, slot: int, identity: str, vector: np.ndarray) -> None:
-        self.remove(slot)
-        self.names[slot] = identity
-        self.index.add_with_ids(np.asarray(vector, np.float32).reshape(1, -1), np.array([slot], np.int64))
-
-    def remove(self, slot: int) -> None:
-        if self.names.pop(slot, None) is not None:
-            self.index.remove_ids(np.array([slot], np.int64))
-
-    def search(self, queries: np.ndarray, top_k: int) -> list[list[tuple[str, float]]]:
-        """Best `top_k` (identity, cosine) per query row (Q, D), best first."""
-        k = min(top_k, self.index.ntotal)
-        if k == 0:
-            return [[] for _ in queries]
-        sims, found = self.index.search(np.ascontiguousarray(queries, np.float32), k)  # (Q, k) each
-        return [[(self.names[int(i)], float(s)) for s, i in zip(row_s, row_i) if i >= 0] for row_s, row_i in zip(sims, found)]
-
-
-def new_index(dim: int) -> faiss.Index:
-    """Exact inner-product index with our own ids; moved to the GPU where faiss has one."""
-    index = faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
-    if hasattr(faiss, "get_num_gpus") and faiss.get_num_gpus() > 0:  # faiss-gpu
-        index = faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, index)
-    return index
+    @classmethod
+    def from_settings(cls, settings) -> IndexOptions:
+        on = settings.gallery_snapshot_interval_s > 0
+        return cls(settings.gallery_exact_max, settings.gallery_probe,
+                   settings.state_dir / "galleries" if on else None, settings.gallery_snapshot_min,
+                   settings.gallery_snapshot_interval_s)
 
 
 def veto(probe: np.ndarray, candidates: list[tuple[str, float]], negatives: dict[str, np.ndarray]) -> set[str]:
@@ -94,68 +77,169 @@ class SearchResult:
 
 
 class GalleryService:
-    def __init__(self, faces: FaceService, store: GalleryStore, templates: TemplateService | None) -> None:
-        self.faces, self.store, self.templates = faces, store, templates
+    def __init__(self, faces: FaceService, store: GalleryStore, templates: TemplateService | None,
+                 options: IndexOptions = IndexOptions()) -> None:
+        self.faces, self.store, self.templates, self.options = faces, store, templates, options
         self.card = faces.card
         self.indexes: dict[str, GalleryIndex] = {}
+        # searches and index changes: one OpenMP thread each, so concurrent searches share the cores
+        self.pool = ThreadPoolExecutor(os.cpu_count() or 1, "gallery-search", faiss.omp_set_num_threads, (1,))
+        self.builder = ThreadPoolExecutor(1, "gallery-build")  # approximate indexes, one at a time
+        self._saved: dict[str, float] = {}  # gallery -> when its snapshot was last written
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=False)
+        self.builder.shutdown(wait=False, cancel_futures=True)
 
     # ---- following Redis -----------------------------------------------------------------
     async def synced(self, gallery: str) -> GalleryIndex:
-        """This replica's index of `gallery`, brought up to the Redis log."""
-        idx = self.indexes.setdefault(gallery, GalleryIndex(self.card.embedding_size))
+        """This replica's index of `gallery`, brought up to the Redis log by a catch-up that began after this call
+        did: concurrent callers share one (a read that waits on the lock is served by the next catch-up)."""
+        idx = self.indexes.get(gallery)
+        if idx is None:
+            idx = self.indexes[gallery] = GalleryIndex(self.card.embedding_size, self.options.exact_max,
+                                                       self.options.probe)
+        arrived = idx.started
         async with idx.lock:
+            if idx.done > arrived:
+                return idx
+            idx.started += 1
             if not idx.loaded:
-                await self._reload(gallery, idx)
+                await self._load(gallery, idx)
             while True:
                 changes, gap = await self.store.changes_after(gallery, idx.entry)
                 if gap:
                     await self._reload(gallery, idx)
                     continue
-                for change in changes:
-                    if change.op == "put":
-                        idx.put(change.slot, change.identity, change.vector)
-                    else:
-                        idx.remove(change.slot)
-                    idx.entry = change.entry
+                if changes:
+                    await self._run(idx.apply, changes)
                 if len(changes) < 1000:
-                    return idx
+                    break
+            idx.done = idx.started
+        if idx.wants_build():
+            idx.building = True
+            asyncio.get_running_loop().run_in_executor(self.builder, self._build, gallery, idx)
+        return idx
+
+    def _build(self, gallery: str, idx: GalleryIndex) -> None:
+        try:
+            t0 = time.perf_counter()
+            idx.build()
+            log.info("gallery %s: approximate index over %d identities swapped in after %.1f s",
+                     gallery, len(idx), time.perf_counter() - t0)
+        except Exception:  # the exact scan keeps serving; the next catch-up tries again
+            log.exception("gallery %s: building the approximate index failed", gallery)
+        finally:
+            idx.building = False
+
+    async def _run(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
 
     async def _reload(self, gallery: str, idx: GalleryIndex) -> None:
-        idx.reset()
-        idx.entry, records = await self.store.snapshot(gallery)
-        for slot, (identity, vector) in records.items():
-            idx.put(slot, identity, vector)
-        idx.loaded = True
+        entry, records = await self.store.snapshot(gallery)
+        slots = np.fromiter(records, np.int64, len(records))
+        vectors = np.stack([records[s][1] for s in slots.tolist()]) if records else np.zeros((0, idx.dim), np.float32)
+        await self._run(idx.load, entry, slots, [records[s][0] for s in slots.tolist()], vectors)
+        idx.changed = True
+
+    # ---- snapshots -----------------------------------------------------------------------------
+    def snapshot_path(self, gallery: str) -> Path | None:
+        if self.options.snapshot_dir is None:
+            return None
+        prefix = self.store.prefix.encode().hex()  # any prefix, as a file name
+        return self.options.snapshot_dir / f"{prefix}-{gallery}.snapshot"
+
+    def snapshot_tag(self, gallery: str) -> dict:
+        card = self.card
+        return {"gallery": gallery, "model": {"name": card.name, "version": card.version, "dim": card.embedding_size}}
+
+    async def _load(self, gallery: str, idx: GalleryIndex) -> None:
+        """From the snapshot where Redis confirms it, else from Redis; a bad snapshot is logged and removed."""
+        path = self.snapshot_path(gallery)
+        if path is not None and path.exists():
+            try:
+                snap = await asyncio.to_thread(read_snapshot, path, idx.dim)
+                problem = await self._stale(gallery, snap.header)
+            except (SnapshotError, OSError) as exc:
+                problem = f"corrupt ({exc})"
+            if problem is None:
+                await self._run(idx.load, snap.header["entry"], snap.slots, snap.names, snap.vectors, snap.approx)
+                idx.approx_size = snap.header["approx_size"] if snap.approx is not None else 0
+                return
+            log.warning("gallery %s: snapshot %s is %s; rebuilding from Redis", gallery, path, problem)
+            path.unlink(missing_ok=True)
+        await self._reload(gallery, idx)
+
+    async def _stale(self, gallery: str, header: dict) -> str | None:
+        """Why a snapshot may not be loaded (another gallery or model, a log position Redis no longer holds)."""
+        want = self.snapshot_tag(gallery)
+        if {k: header.get(k) for k in want} != want:
+            return f"stale (made for {header.get('gallery')}, {header.get('model')})"
+        log_key = self.store.keys(gallery)[1]
+        entry = header["entry"]
+        if entry == "0-0" or not await self.store.client.xrange(log_key, min=entry, max=entry):
+            return f"stale (log position {entry} trimmed away or never in this Redis)"
+        return None
+
+    async def save(self, gallery: str, idx: GalleryIndex) -> None:
+        """Rewrites the gallery's snapshot after deletions (erasure), or after changes once per snapshot interval;
+        removes it where the gallery shrank below the snapshot size."""
+        path = self.snapshot_path(gallery)
+        if path is None or not idx.loaded:
+            return
+        if len(idx) < self.options.snapshot_min:
+            if path.exists():
+                await asyncio.to_thread(path.unlink, True)
+            return
+        due = time.monotonic() - self._saved.get(gallery, -math.inf) >= self.options.snapshot_interval_s
+        if idx.deleted or (idx.changed and due) or not path.exists():
+            await asyncio.to_thread(write_snapshot, path, idx, self.snapshot_tag(gallery))
+            self._saved[gallery] = time.monotonic()
 
     async def follow(self, interval: float) -> None:
         """Brings every index of this replica up to Redis each `interval` s, so an identity deleted
-        elsewhere leaves this replica's memory within that bound even if nobody reads its gallery here."""
+        elsewhere leaves this replica's memory, and its snapshot, within that bound even if nobody reads its
+        gallery here. Galleries with a snapshot on disk are loaded at once (and so followed too)."""
+        for gallery in self._snapshotted():
+            await self._follow(gallery)
         while True:
             await asyncio.sleep(interval)
             for gallery in list(self.indexes):
-                try:
-                    await self.synced(gallery)
-                except RedisError as exc:  # Redis away: the next round (or read) catches up
-                    log.warning("gallery %s: could not follow Redis (%s)", gallery, type(exc).__name__)
+                await self._follow(gallery)
+
+    def _snapshotted(self) -> list[str]:
+        """The galleries of this key prefix with a snapshot in the snapshot folder."""
+        folder, head = self.options.snapshot_dir, f"{self.store.prefix.encode().hex()}-"
+        if folder is None or not folder.is_dir():
+            return []
+        return [p.name[len(head):-len(".snapshot")] for p in folder.glob(f"{head}*.snapshot")]
+
+    async def _follow(self, gallery: str) -> None:
+        try:
+            await self.save(gallery, await self.synced(gallery))
+        except RedisError as exc:  # Redis away: the next round (or read) catches up
+            log.warning("gallery %s: could not follow Redis (%s)", gallery, type(exc).__name__)
+        except OSError as exc:  # a full disk: the next round tries again; deletions keep it due
+            log.warning("gallery %s: could not write its snapshot (%s)", gallery, exc)
 
     # ---- operations ------------------------------------------------------------------------
     async def enrol(self, gallery: str, identity: str, images: list[bytes] | None = None,
                     embedding: Embedding | None = None, template_id: str | None = None,
-                    frames: list[Frame] | None = None, add: bool = False) -> tuple[int, Photos]:
+                    frames: list[Frame] | None = None, add: bool = False, force: bool = False) -> tuple[int, Photos]:
         """Enrols the identity from these photos (replacing what it had), or with `add` from these and every
         photo it was given before (CAFace over the kept memory); returns the gallery's size and the identity's
-        `Photos`."""
+        `Photos`. Photos whose best face is below the card's enrolment floor are refused unless `force`."""
         if add and self.templates is None:
             raise Unavailable("mode=add fuses every photo of the identity with the CAFace fusion model, which is off; "
                               "enrol with mode=replace and all the photos at once")
-        vector, photos = await self._new_photos(images, embedding, template_id, frames)
+        vector, photos = await self._new_photos(images, embedding, template_id, frames, force)
         if add:
             photos = await self._add(gallery, identity, photos)
         else:
             if photos.memory is not None:
                 vector, photos = self._fused(photos)
             await self.store.put(gallery, identity, vector, photos)
-        return (await self.synced(gallery)).index.ntotal, photos
+        return len(await self.synced(gallery)), photos
 
     async def add_negatives(self, gallery: str, identity: str, images: list[bytes] | None = None,
                             embeddings: list[Embedding] | None = None) -> int:
@@ -180,10 +264,10 @@ class GalleryService:
         """One result per query (a unit embedding, or None for an image without a face), decided at `far`, or
         `fpir` for the gallery's current size, or the (FAR, FPIR) defaults (`service.decisions.search_rule`)."""
         idx = await self.synced(gallery)
-        n = idx.index.ntotal
+        n = len(idx)
         rule = search_rule(self.card, n, far, fpir, *defaults)
         rows = [q for q in queries if q is not None]
-        found = iter(await self.without_vetoed(gallery, rows, idx.search(np.stack(rows), top_k)) if rows else [])
+        found = iter(await self.without_vetoed(gallery, rows, await idx.search(self.pool, np.stack(rows), top_k)) if rows else [])
         results = []
         for q, quality in zip(queries, qualities or [None] * len(queries)):
             matches = next(found) if q is not None else []
@@ -209,8 +293,7 @@ class GalleryService:
 
     async def info(self, gallery: str) -> tuple[int, str]:
         idx = await self.synced(gallery)
-        device = "gpu" if "Gpu" in type(idx.index).__name__ else "cpu"
-        return idx.index.ntotal, f"faiss exact inner product ({device}), {self.card.embedding_size}-d, {self.card.name} {self.card.version}"
+        return len(idx), f"{idx.describe()}, {self.card.embedding_size}-d, {self.card.name} {self.card.version}"
 
     async def query_embeddings(self, images: list[bytes]) -> list[np.ndarray | None]:
         """The largest face of each image as a unit embedding (None where no face was found)."""
@@ -231,7 +314,7 @@ class GalleryService:
         return [fs[0] for fs in faces]
 
     async def _new_photos(self, images: list[bytes] | None, embedding: Embedding | None, template_id: str | None,
-                          frames: list[Frame] | None) -> tuple[np.ndarray | None, Photos]:
+                          frames: list[Frame] | None, force: bool = False) -> tuple[np.ndarray | None, Photos]:
         """What a request brings: its CAFace memory where the fusion model runs and the photos have style
         statistics (the vector is then the memory's, None here), else a vector (the mean of the photos)."""
         fusion = self.templates.fusion if self.templates is not None else None
@@ -244,8 +327,10 @@ class GalleryService:
             return embedding.unit.astype(np.float32), Photos(1, float("nan"))
         if frames:  # precomputed embeddings with style (refused by validation where the fusion model is off)
             raw, style = np.stack([f.raw for f in frames]), np.stack([f.style for f in frames])
-            return None, Photos(len(frames), float("nan"), model_id(fusion), self._memory(raw, style))
+            memory = checked_deltas(fusion, fusion.assign(raw, style), frames).sum(axis=0)  # 422 before anything is stored
+            return None, Photos(len(frames), float("nan"), model_id(fusion), memory)
         found = await self._faces(images)
+        check_enrolment(self.card, [f.face.quality for f in found], force)
         if fusion is not None and all(f.style is not None for f in found):
             raw = np.stack([f.face.embedding * f.face.magnitude for f in found])  # (n, D)
             memory = self._memory(raw, np.stack([f.style for f in found]))

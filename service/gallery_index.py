@@ -1,0 +1,285 @@
+"""One gallery's index on a replica, and its snapshot on disk.
+
+The vectors live in one numpy array, a row per identity keyed by the identity's slot in Redis
+(`gallery_store`); up to `exact_max` identities a search scans them all (exact inner product). Above
+it an IVF index over 8-bit scalar-quantised codes (a quarter of the floats), its coarse quantizer and
+code ranges trained on the gallery's own vectors, is built in a background thread while the exact scan keeps serving; the
+changes applied after the copy it was built from (the log position `entry` at that moment) are
+replayed into it before it is swapped in. It only proposes a shortlist, which is re-scored exactly
+against the kept vectors: the scores returned are exact, and only a neighbour the shortlist missed
+can be lost (recall and speed: `benchmarks/RESULTS.md`, "Galleries of a million"). Not PQ fast-scan
+codes, though they scan several times faster: in faiss 1.15.1 an identity added to a fast-scan list
+after a removal from it gets a wrong code (about 0.7 % of them in our test), and galleries change.
+
+Searches run in worker threads (one OpenMP thread each, so concurrent searches do not oversubscribe
+the cores) under the read side of a readers-writer lock; changes take its write side.
+"""
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import math
+import struct
+import threading
+from collections.abc import Iterator
+from concurrent.futures import Executor
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import faiss
+import numpy as np
+
+from engines.atomic import atomic_write
+
+RERANK = 30  # shortlist = RERANK × max(top_k, 10) candidates, re-scored exactly
+TRAIN_SAMPLE = 65_536  # vectors the quantizer and codebooks are trained on
+MAGIC = b"FACESET-GALLERY-SNAPSHOT-1\n"
+
+
+class RWLock:
+    """Many readers or one writer; a waiting writer holds off new readers, so catch-ups are not starved."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._readers = self._waiting = 0
+        self._writer = False
+
+    @contextmanager
+    def read(self) -> Iterator[None]:
+        with self._cond:
+            self._cond.wait_for(lambda: not self._writer and not self._waiting)
+            self._readers += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._readers -= 1
+                self._cond.notify_all()
+
+    @contextmanager
+    def write(self) -> Iterator[None]:
+        with self._cond:
+            self._waiting += 1
+            self._cond.wait_for(lambda: not self._writer and not self._readers)
+            self._waiting -= 1
+            self._writer = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._writer = False
+                self._cond.notify_all()
+
+
+class GalleryIndex:
+    """The vectors of one gallery (row per slot), exact search, and the approximate index above `exact_max`."""
+
+    def __init__(self, dim: int, exact_max: int, probe: float) -> None:
+        self.dim, self.exact_max, self.probe = dim, exact_max, probe
+        self.entry, self.loaded = "0-0", False  # the last log entry applied
+        self.lock = asyncio.Lock()  # one catch-up with Redis at a time (GalleryService.synced)
+        self.started = self.done = 0  # catch-ups started and finished, to let concurrent searches share one
+        self.rw = RWLock()
+        self.generation = 0  # bumped by a reload: a build from before it is thrown away
+        self.building = False
+        self.deleted = self.changed = False  # since the last snapshot
+        self.load("0-0", np.zeros(0, np.int64), [], np.zeros((0, dim), np.float32))
+        self.loaded = False
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def load(self, entry: str, slots: np.ndarray, names: list[str], vectors: np.ndarray,
+             approx: faiss.Index | None = None) -> None:
+        """Replaces everything with these rows (a reload from Redis or a snapshot) at log position `entry`."""
+        with self.rw.write():
+            self.vectors = np.ascontiguousarray(vectors, np.float32)  # (N, D), rows past len(self) are spare
+            self.slots = np.asarray(slots, np.int64)  # (N,) row -> slot
+            self.rows = {int(s): r for r, s in enumerate(self.slots)}
+            self.names = {int(s): name for s, name in zip(self.slots, names)}
+            self.approx, self.approx_size, self.pending = approx, len(self.rows) if approx else 0, None
+            self.entry, self.loaded = entry, True
+            self.generation += 1
+
+    def apply(self, changes: list) -> None:
+        """Applies `gallery_store.Change`s in log order."""
+        with self.rw.write():
+            for change in changes:
+                if change.op == "put":
+                    self._put(change.slot, change.identity, change.vector)
+                else:
+                    self._remove(change.slot)
+                self.entry = change.entry
+            self.changed = self.changed or bool(changes)
+
+    def _put(self, slot: int, identity: str, vector: np.ndarray) -> None:
+        row = self.rows.get(slot)
+        ids = np.array([slot], np.int64)
+        if row is None:
+            row = len(self.rows)
+            if row == len(self.vectors):  # full: double the room
+                self.vectors = np.concatenate([self.vectors, np.zeros((max(row, 1024), self.dim), np.float32)])
+                self.slots = np.concatenate([self.slots, np.zeros(max(row, 1024), np.int64)])
+            self.rows[slot], self.slots[row] = row, slot
+        elif self.approx is not None:
+            self.approx.remove_ids(ids)
+        self.vectors[row], self.names[slot] = vector, identity
+        if self.approx is not None:
+            self.approx.add_with_ids(self.vectors[row:row + 1], ids)
+        if self.pending is not None:
+            self.pending.add(slot)
+
+    def _remove(self, slot: int) -> None:
+        row = self.rows.pop(slot, None)
+        if row is None:
+            return
+        del self.names[slot]
+        last = len(self.rows)
+        if row != last:  # the last row fills the hole
+            moved = int(self.slots[last])
+            self.vectors[row], self.slots[row], self.rows[moved] = self.vectors[last], moved, row
+        self.vectors[last] = 0  # no copy of an erased vector stays in the spare rows
+        if self.approx is not None:
+            self.approx.remove_ids(np.array([slot], np.int64))
+        if self.pending is not None:
+            self.pending.add(slot)
+        self.deleted = True
+
+    async def search(self, pool: Executor, queries: np.ndarray, top_k: int) -> list[list[tuple[str, float]]]:
+        """Best `top_k` (identity, cosine) per query row (Q, D), best first, computed in `pool`."""
+        return await asyncio.get_running_loop().run_in_executor(pool, self.search_now, queries, top_k)
+
+    def search_now(self, queries: np.ndarray, top_k: int) -> list[list[tuple[str, float]]]:
+        queries = np.ascontiguousarray(queries, np.float32)
+        with self.rw.read():
+            n = len(self.rows)
+            k = min(top_k, n)
+            if k == 0:
+                return [[] for _ in queries]
+            if self.approx is not None and n > self.exact_max:
+                sims, rows = self._reranked(queries, k)
+            else:
+                sims, rows = faiss.knn(queries, self.vectors[:n], k, metric=faiss.METRIC_INNER_PRODUCT)  # (Q, k)
+            return [[(self.names[int(self.slots[r])], float(s)) for s, r in zip(row_s, row_r) if r >= 0]
+                    for row_s, row_r in zip(sims, rows)]
+
+    def _reranked(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """The approximate index's shortlist per query, re-scored exactly: (sims, rows), each (Q, k)."""
+        _, found = self.approx.search(queries, RERANK * max(k, 10))  # (Q, S) slots, -1 past the end
+        sims, rows = np.full((len(queries), k), -np.inf, np.float32), np.full((len(queries), k), -1, np.int64)
+        for q, (query, slots) in enumerate(zip(queries, found)):
+            cand = np.fromiter((self.rows[s] for s in slots.tolist() if s >= 0), np.int64)
+            exact = self.vectors[cand] @ query  # (S,)
+            best = np.argsort(-exact)[:k]
+            sims[q, :len(best)], rows[q, :len(best)] = exact[best], cand[best]
+        return sims, rows
+
+    # ---- the approximate index ---------------------------------------------------------------
+    def wants_build(self) -> bool:
+        """Above exact_max with no approximate index, or one trained at less than half today's size."""
+        return self.loaded and not self.building and len(self) > max(self.exact_max, 2 * self.approx_size)
+
+    def build(self) -> None:
+        """Trains an approximate index on a copy of the vectors, replays what changed meanwhile and swaps it in.
+        Runs in a background thread; searches keep using the exact scan (or the previous index) until the swap."""
+        with self.rw.read():  # no writer runs: the copy and the start of `pending` are one log position
+            n, generation = len(self), self.generation
+            vectors, slots = self.vectors[:n].copy(), self.slots[:n].copy()
+            self.pending = set()
+        try:
+            index = new_approx(vectors, slots, self.probe)
+        except BaseException:
+            with self.rw.write():
+                self.pending = None
+            raise
+        with self.rw.write():
+            pending, self.pending = self.pending, None
+            if generation != self.generation:  # reloaded meanwhile: this copy is of an older gallery
+                return
+            if pending:
+                ids = np.fromiter(pending, np.int64)
+                index.remove_ids(ids)
+                now = [s for s in ids.tolist() if s in self.rows]
+                rows = [self.rows[s] for s in now]
+                index.add_with_ids(self.vectors[rows], np.array(now, np.int64))
+            self.approx, self.approx_size, self.changed = index, n, True
+
+    def describe(self) -> str:
+        if self.approx is not None and len(self) > self.exact_max:
+            ivf = faiss.extract_index_ivf(self.approx)
+            return f"faiss IVF{ivf.nlist},SQ8 (cpu; {ivf.nprobe} lists probed), shortlist re-scored exactly"
+        return "faiss exact inner product (cpu)"
+
+
+def new_approx(vectors: np.ndarray, slots: np.ndarray, probe: float) -> faiss.Index:
+    """IVF (√N lists) over 8-bit scalar-quantised codes, trained on a sample of `vectors` (N, D)."""
+    n, dim = vectors.shape
+    nlist = max(1, min(round(math.sqrt(n)), n // 39))  # k-means wants 39+ points per list
+    index = faiss.index_factory(dim, f"IVF{nlist},SQ8", faiss.METRIC_INNER_PRODUCT)
+    sample = np.random.default_rng(0).choice(n, min(n, TRAIN_SAMPLE), replace=False)
+    index.train(vectors[np.sort(sample)])
+    index.add_with_ids(vectors, slots)
+    faiss.extract_index_ivf(index).nprobe = max(1, math.ceil(probe * nlist))
+    return index
+
+
+# ---- snapshots ---------------------------------------------------------------------------------
+class SnapshotError(ValueError):
+    """A snapshot file that is not one, or whose checksum does not hold."""
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    header: dict  # gallery, model {name, version, dim}, entry, count, sha256, ...
+    slots: np.ndarray  # (N,) int64
+    names: list[str]
+    vectors: np.ndarray  # (N, D) float32
+    approx: faiss.Index | None
+
+
+def write_snapshot(path: Path, idx: GalleryIndex, tag: dict) -> None:
+    """Writes `idx` (rows, names, approximate index) at its log position, tagged with `tag` and a checksum."""
+    with idx.rw.read():  # a consistent copy; the file is written after the lock is let go
+        n, entry, approx_size = len(idx), idx.entry, idx.approx_size
+        slots, vectors = idx.slots[:n].copy(), idx.vectors[:n].copy()
+        names = "\n".join(idx.names[int(s)] for s in slots).encode()  # ids never hold a newline (check_id)
+        approx = faiss.serialize_index(idx.approx).tobytes() if idx.approx is not None else b""
+        deleted, idx.deleted, idx.changed = idx.deleted, False, False
+    parts = [slots.astype("<i8").tobytes(), vectors.astype("<f4").tobytes(), names, approx]
+    digest = hashlib.sha256()
+    for part in parts:
+        digest.update(part)
+    header = json.dumps({**tag, "entry": entry, "count": n, "names_bytes": len(names), "approx_bytes": len(approx),
+                         "approx_size": approx_size, "sha256": digest.hexdigest()}).encode()
+    try:
+        atomic_write(path, lambda f: [f.write(b) for b in (MAGIC, struct.pack("<I", len(header)), header, *parts)])
+    except BaseException:
+        idx.deleted = idx.deleted or deleted  # the old file may still hold someone erased: try again next round
+        raise
+
+
+def read_snapshot(path: Path, dim: int) -> Snapshot:
+    data = path.read_bytes()
+    try:
+        if not data.startswith(MAGIC):
+            raise SnapshotError("not a gallery snapshot")
+        start = len(MAGIC) + 4
+        (size,) = struct.unpack_from("<I", data, len(MAGIC))
+        header = json.loads(data[start:start + size])
+        payload = memoryview(data)[start + size:]
+        if hashlib.sha256(payload).hexdigest() != header["sha256"]:
+            raise SnapshotError("checksum mismatch")
+        n = header["count"]
+        slots = np.frombuffer(payload, "<i8", n).astype(np.int64)
+        vectors = np.frombuffer(payload, "<f4", n * dim, offset=8 * n).reshape(n, dim).copy()
+        at = 8 * n + 4 * n * dim
+        names = bytes(payload[at:at + header["names_bytes"]]).decode().split("\n") if n else []
+        approx = bytes(payload[at + header["names_bytes"]:])
+    except SnapshotError:
+        raise
+    except (KeyError, ValueError, struct.error) as exc:  # json, utf-8 and numpy errors are ValueErrors
+        raise SnapshotError(f"unreadable: {exc}") from exc
+    index = faiss.deserialize_index(np.frombuffer(approx, np.uint8)) if approx else None
+    return Snapshot(header, slots, names, vectors, index)
