@@ -40,7 +40,8 @@ SEARCH = RequestBody(GallerySearchRequest, files={"images": True}, text={"top_k"
                                                                          "far": "False accept rate",
                                                                          "fpir": "False positive identification rate"},
                      query=("top_k", "far", "fpir"))
-ENROL = RequestBody(GalleryEnrolRequest, files={"images": True}, text={"mode": "replace or add"}, query=("mode",))
+ENROL = RequestBody(GalleryEnrolRequest, files={"images": True},
+                    text={"mode": "replace or add", "force": "Enrol below the quality floor"}, query=("mode", "force"))
 NEGATIVES = RequestBody(GalleryNegativesRequest, files={"images": True})
 
 
@@ -66,7 +67,8 @@ async def enrol(identity: IdentityId, request: Annotated[GalleryEnrolRequest, De
         raise InvalidInput("'search' is reserved (POST /gallery/search); choose another id")
     images = [i.data for i in request.images] if request.images else None
     count, photos = await gallery.enrol(x_gallery, identity, images, request.embedding, request.template_id,
-                                        frames(request) if request.frames else None, add=request.mode == "add")
+                                        frames(request) if request.frames else None, add=request.mode == "add",
+                                        force=request.force)
     return Enrolled(id=identity, gallery=x_gallery, count=count, photos=photos.count, quality=_finite(photos.quality))
 
 
