@@ -97,6 +97,22 @@ def test_what_cannot_be_added_says_why(client, settings, people, tmp_path):
     drop_keys(no_fusion)
 
 
+
+def test_frames_that_overflow_the_fusion_model_are_refused_before_anything_is_stored(client, settings, people):
+    """Found by schemathesis (tests/service/test_fuzz.py): finite but extreme style values gave a 500."""
+    g = _gallery(settings, "overflow")
+    face = _post(client, "/embed", {}, people["7203"][:1], params={"include_style": True})["results"][0]["faces"][0]
+    frame = {k: face[k] for k in ("embedding", "magnitude", "style")}
+    huge = dict(frame, style=[1.7976931348623157e308, -1.7976931348623157e308] * (len(frame["style"]) // 2))
+    _post(client, "/gallery/x", g, json={"frames": [frame]})
+    for mode in ("add", "replace"):
+        r = client.post("/gallery/x", json={"frames": [frame, huge], "mode": mode}, headers=g)
+        assert r.status_code == 422 and r.json()["error"]["code"] == "invalid_input" and "frames[1]" in r.text
+        assert client.get("/gallery/x", headers=g).json()["photos"] == 1  # unchanged
+    assert client.post("/gallery/new", json={"frames": [huge]}, headers=g).status_code == 422
+    assert client.get("/gallery/new", headers=g).status_code == 404
+
+
 def test_negatives_stop_a_wrong_identification(client, settings, people):
     g, a, b = _gallery(settings, "negatives"), people["7203"], people["7223"]
     _post(client, "/gallery/a", g, a[:4])
