@@ -1,12 +1,14 @@
-"""Open-set identification and quality-banded verification through the serving pipeline: embeddings and calibration.
+"""Open-set identification and quality-banded verification through the serving pipeline: embeddings, calibration, evaluation.
 
     python benchmarks/open_set.py embed            # once: photos -> detect -> align -> embed, cached under runs/open_set/
     python benchmarks/open_set.py calibrate        # the card's FPIR tail model, quality floors and bands (hold-out only)
+    python benchmarks/open_set.py evaluate         # lfw-dev, cfp-dev, celeba-299-kept: FPIR/FNIR, DET, negatives, /verify bands
 
 Sets (raw photos, the largest face of each, the card's flip TTA):
   celeba-holdout     the CelebA calibration hold-out (training.data.split's rule: every 3rd CelebA-10k-only
                      identity with 2+ photos): the ONLY data the calibration reads
   celeba-distractors one photo of each other CelebA-10k-only identity (trained on: used only to grow galleries)
+  celeba-299-other   one photo of each CelebA-299 identity not kept out (trained on: distractors too)
   lfw-dev, cfp-dev   evaluation people; celeba-299-kept: every 8th CelebA-299 identity (the recognition
                      model's embedding layer was fine-tuned on CelebA-299, so these are reported apart)
 """
@@ -16,6 +18,7 @@ import argparse
 import os
 import sys
 import time
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -53,6 +56,10 @@ def photos(name: str) -> list[tuple[Path, str]]:
     if name == "celeba-299-kept":
         ids = _tree(DATA / "celeba-299")
         return [(p, n) for n in sorted(ids)[::8] for p in ids[n]]
+    if name == "celeba-299-other":  # one photo of every other CelebA-299 identity (trained on: distractors only)
+        ids = _tree(DATA / "celeba-299")
+        kept = set(sorted(ids)[::8])
+        return [(ids[n][0], n) for n in sorted(ids) if n not in kept]
     if name == "lfw-dev":
         return [(p, p.stem.rsplit("_", 1)[0]) for p in sorted((DATA / "lfw-dev" / "images").iterdir())]
     if name == "cfp-dev":
@@ -60,7 +67,7 @@ def photos(name: str) -> list[tuple[Path, str]]:
     raise ValueError(name)
 
 
-SETS = ("celeba-holdout", "lfw-dev", "cfp-dev", "celeba-299-kept", "celeba-distractors")
+SETS = ("celeba-holdout", "lfw-dev", "cfp-dev", "celeba-299-kept", "celeba-distractors", "celeba-299-other")
 
 
 # ---- embedding, once ------------------------------------------------------------------------------------------------
@@ -122,9 +129,287 @@ def calibrate_card() -> None:
     print(card.calibration.model_dump_json(indent=1, exclude={"thresholds"}))
 
 
+
+# ---- evaluation: people no model was calibrated on ------------------------------------------------------------------
+# Every decision below is the service's own: service.decisions.search_rule / decide / far_threshold and
+# service.gallery.veto, on the cached pipeline embeddings; cosines by numpy inner product (what the exact index computes).
+
+EVAL_SETS = ("lfw-dev", "cfp-dev", "celeba-299-kept")
+DISTRACTOR_SETS = ("celeba-distractors", "celeba-299-other")
+DRAWS = {100: 40, 1000: 10, 5000: 3}  # gallery size -> random galleries drawn
+FPIRS = (0.1, 0.01, 0.001)
+VERIFY_FARS = (1e-2, 1e-3)
+TOP_K = 5  # the search's default shortlist
+# decision codes of one probe
+IDENTIFIED, WRONG, UNKNOWN, LOW_QUALITY = 0, 1, 2, 3
+
+
+@dataclass
+class Pool:
+    """Probes: every evaluation photo (P); gallery candidates: each evaluation person's first photo, then one photo
+    of each distractor identity (G); scores (P, G)."""
+
+    probe_person: np.ndarray  # (P,) index of the probe's person (a gallery column)
+    probe_source: np.ndarray  # (P,) set name
+    probe_quality: np.ndarray  # (P,)
+    probe_unit: np.ndarray  # (P, D)
+    enrolment: np.ndarray  # (people,) index of each person's enrolment photo among the probes
+    gallery_unit: np.ndarray  # (G, D)
+    scores: np.ndarray  # (P, G)
+
+
+def _unit_quality(card, emb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    from engines.model_card import quality_from_magnitude
+
+    norms = np.linalg.norm(emb, axis=1)
+    return (emb / norms[:, None]).astype(np.float32), quality_from_magnitude(card, norms)
+
+
+def build_pool(card) -> Pool:
+    persons, sources, embs = [], [], []
+    offset = 0
+    for name in EVAL_SETS:
+        emb, labels, _ = faces(name)
+        persons.append(labels + offset)
+        offset += labels.max() + 1
+        sources += [name] * len(labels)
+        embs.append(emb)
+    person = np.concatenate(persons)
+    unit, quality = _unit_quality(card, np.concatenate(embs))
+    enrolment = np.array([np.flatnonzero(person == k)[0] for k in range(offset)])
+    distractors = _unit_quality(card, np.concatenate([faces(n)[0] for n in DISTRACTOR_SETS]))[0]
+    gallery = np.concatenate([unit[enrolment], distractors])
+    return Pool(person, np.array(sources), quality, unit, enrolment, gallery, unit @ gallery.T)
+
+
+def _decide_all(rule_at, ids, scores, qualities, gated: bool) -> np.ndarray:
+    """Each probe's decision code by service.decisions.decide; `rule_at(n)` is the search rule at gallery size n,
+    ids (P, 2): [top candidate, the probe's own column or -1 for a non-mated search], scores (P,), sizes in ids."""
+    from service.decisions import decide
+
+    out = np.empty(len(scores), np.int8)
+    for k, ((top, own, n), score, q) in enumerate(zip(ids, scores, qualities)):
+        rule = rule_at(int(n), gated)
+        decision, who = decide(rule, [(int(top), float(score))], float(q))
+        out[k] = (LOW_QUALITY if decision == "low_quality" else UNKNOWN if decision == "unknown"
+                  else IDENTIFIED if who == own else WRONG)
+    return out
+
+
+def _rules(card, fpir: float):
+    from functools import cache
+
+    from service.decisions import search_rule
+
+    @cache
+    def rule_at(n: int, gated: bool):
+        rule = search_rule(card, n, None, fpir, 1e-3, fpir)
+        return rule if gated else replace(rule, probe_floor=None)
+    return rule_at
+
+
+def searches(pool: Pool, n: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """One random gallery of n candidates: every probe's mated search (where its person is enrolled, other than
+    the enrolment photo) and non-mated search (against the gallery less its own person: n − 1 then)."""
+    cols = rng.choice(pool.scores.shape[1], n, replace=False)
+    sub = pool.scores[:, cols]  # (P, n)
+    position = np.full(pool.scores.shape[1], -1)
+    position[cols] = np.arange(n)
+    own = position[pool.probe_person]  # (P,) the person's column in this gallery, -1 if not enrolled
+    rows = np.arange(len(sub))
+    mated = (own >= 0) & ~np.isin(rows, pool.enrolment)
+    top = sub.argmax(1)
+    masked = sub.copy()
+    masked[rows[own >= 0], own[own >= 0]] = -np.inf
+    best = masked.argmax(1)
+    return dict(
+        mated_ids=np.stack([cols[top], pool.probe_person, np.full(len(rows), n)], 1)[mated],
+        mated_score=sub[rows, top][mated], mated_rows=rows[mated],
+        nonmated_ids=np.stack([cols[best], np.full(len(rows), -1), np.where(own >= 0, n - 1, n)], 1),
+        nonmated_score=masked[rows, best], nonmated_rows=rows)
+
+
+def evaluate_search(card, pool: Pool, seed: int = 0) -> tuple[list[dict], dict]:
+    """Rows of (N, requested FPIR, gated): measured FPIR, FNIR and their counts by probe source; and the DET curves
+    (threshold sweeps) per (N, gated)."""
+    rng = np.random.default_rng(seed)
+    rows, det = [], {}
+    for n, draws in DRAWS.items():
+        runs = [searches(pool, n, rng) for _ in range(draws)]
+        cat = {k: np.concatenate([r[k] for r in runs]) for k in runs[0]}
+        mq, nq = pool.probe_quality[cat["mated_rows"]], pool.probe_quality[cat["nonmated_rows"]]
+        msrc, nsrc = pool.probe_source[cat["mated_rows"]], pool.probe_source[cat["nonmated_rows"]]
+        for fpir in FPIRS:
+            rule_at = _rules(card, fpir)
+            for gated in (True, False):
+                m = _decide_all(rule_at, cat["mated_ids"], cat["mated_score"], mq, gated)
+                nm = _decide_all(rule_at, cat["nonmated_ids"], cat["nonmated_score"], nq, gated)
+                for source in ("all", *EVAL_SETS):
+                    ms, ns = (m, nm) if source == "all" else (m[msrc == source], nm[nsrc == source])
+                    rows.append(dict(
+                        n=n, fpir=fpir, gated=gated, source=source, draws=draws, threshold=rule_at(n, gated).threshold,
+                        mated=ms.size, nonmated=ns.size, measured_fpir=float(np.mean(ns == WRONG)),
+                        fnir=float(np.mean(ms != IDENTIFIED)), mated_wrong=float(np.mean(ms == WRONG)),
+                        mated_low_quality=float(np.mean(ms == LOW_QUALITY)),
+                        nonmated_low_quality=float(np.mean(ns == LOW_QUALITY))))
+        for gated in (True, False):  # the sweep: who is identified at t = -inf (decide), then score >= t
+            rule_at = _rules(card, FPIRS[0])
+            anything = (lambda n, g: replace(rule_at(n, g), threshold=-np.inf))
+            m = _decide_all(anything, cat["mated_ids"], cat["mated_score"], mq, gated)
+            nm = _decide_all(anything, cat["nonmated_ids"], cat["nonmated_score"], nq, gated)
+            grid = np.quantile(cat["nonmated_score"], 1 - np.geomspace(0.5, 2e-4, 60))
+            det[(n, gated)] = dict(
+                threshold=grid,
+                fpir=np.array([np.mean((nm == WRONG) & (cat["nonmated_score"] >= t)) for t in grid]),
+                fnir=np.array([1 - np.mean((m == IDENTIFIED) & (cat["mated_score"] >= t)) for t in grid]),
+                wrong=np.array([np.mean((m == WRONG) & (cat["mated_score"] >= t)) for t in grid]))
+        print(f"N={n}: {draws} galleries, {cat['mated_score'].size} mated and {cat['nonmated_score'].size} "
+              f"non-mated searches", flush=True)
+    return rows, det
+
+
+def at_equal_fpir(det: dict, target: float) -> dict:
+    """FNIR and mated wrong identifications of each curve at the lowest threshold whose FPIR is at most `target`."""
+    out = {}
+    for key, c in det.items():
+        k = int(np.argmax(c["fpir"] <= target))
+        out[key] = dict(threshold=float(c["threshold"][k]), fpir=float(c["fpir"][k]), fnir=float(c["fnir"][k]),
+                        wrong=float(c["wrong"][k]))
+    return out
+
+
+def evaluate_negatives(card, pool: Pool, n: int = 1000, draws: int = 10, fpir: float = 0.1, seed: int = 1) -> dict:
+    """'Not this person': in galleries of n, each person not enrolled with 3+ photos searches with their first photo;
+    where it is identified (at `fpir`, gated, as the service does) their second photo becomes a negative of the
+    identity hit; their other photos (fresh) and every mated probe search before and after (service.gallery.veto)."""
+    from service.decisions import decide
+    from service.gallery import veto
+
+    rng, rule_at = np.random.default_rng(seed), _rules(card, fpir)
+    enrolment_rows = set(pool.enrolment.tolist())
+    counts = dict(hit_people=0, fresh_hit=0, fresh_hit_before=0, fresh_hit_after=0, fresh=0, fresh_before=0,
+                  fresh_after=0, mated=0, mated_before=0, mated_after=0)
+    for _ in range(draws):
+        cols = rng.choice(pool.scores.shape[1], n, replace=False)
+        enrolled = set(cols.tolist())
+        rule = rule_at(n, True)
+
+        def search(row: int, negatives: dict) -> int | None:
+            sims = pool.scores[row, cols]
+            order = np.argsort(-sims)[:TOP_K]
+            shortlist = [(int(cols[j]), float(sims[j])) for j in order]
+            vetoed = veto(pool.probe_unit[row], shortlist, negatives)
+            return decide(rule, [m for m in shortlist if m[0] not in vetoed], float(pool.probe_quality[row]))[1]
+
+        strangers = [np.flatnonzero(pool.probe_person == k) for k in range(len(pool.enrolment)) if k not in enrolled]
+        strangers = [r for r in strangers if len(r) >= 3]
+        negatives: dict[int, list] = {}
+        hit = set()
+        for r in strangers:
+            who = search(int(r[0]), {})
+            if who is not None:
+                negatives.setdefault(who, []).append(pool.probe_unit[r[1]])
+                hit.add(int(r[0]))
+        negatives = {k: np.stack(v) for k, v in negatives.items()}
+        for r in strangers:
+            for row in r[2:]:
+                before, after = search(int(row), {}) is not None, search(int(row), negatives) is not None
+                for prefix in ("fresh", "fresh_hit") if int(r[0]) in hit else ("fresh",):
+                    counts[prefix] += 1
+                    counts[f"{prefix}_before"] += before
+                    counts[f"{prefix}_after"] += after
+        counts["hit_people"] += len(hit)
+        mated = [row for row in range(len(pool.probe_person))
+                 if pool.probe_person[row] in enrolled and row not in enrolment_rows]
+        for row in mated:
+            person = int(pool.probe_person[row])
+            counts["mated"] += 1
+            counts["mated_before"] += search(row, {}) != person
+            counts["mated_after"] += search(row, negatives) != person
+    return counts
+
+
+def evaluate_verify(card) -> list[dict]:
+    """All-vs-all pairs of lfw-dev and cfp-dev: measured FAR and TAR at the requested FAR, per band of the pair's
+    lower quality and overall, with the card's single threshold and with its band thresholds (far_threshold)."""
+    from service.decisions import far_threshold
+    from training.calibrate import pair_scores
+
+    rows = []
+    for name in ("lfw-dev", "cfp-dev"):
+        emb, labels, _ = faces(name)
+        unit, quality = _unit_quality(card, emb)
+        genuine, impostor, gq, iq = pair_scores(unit.astype(np.float64), labels, quality)
+        for far in VERIFY_FARS:
+            single = far_threshold(card, far)[1]
+            banded = {}
+            for kind, lower in (("genuine", gq), ("impostor", iq)):
+                banded[kind] = [far_threshold(card, far, float(q)) for q in lower]
+            for b, band in enumerate([None, *card.calibration.quality_bands]):
+                sel = {kind: np.array([band is None or (x[2].low, x[2].high) == (band.low, band.high)
+                                       for x in banded[kind]]) for kind in banded}
+                g, i = genuine[sel["genuine"]], impostor[sel["impostor"]]
+                tg = np.array([x[1] for x in banded["genuine"]])[sel["genuine"]]
+                ti = np.array([x[1] for x in banded["impostor"]])[sel["impostor"]]
+                rows.append(dict(set=name, far=far, band="all" if band is None else f"{band.low:.2f}-{band.high:.2f}",
+                                 genuine=g.size, impostor=i.size,
+                                 far_single=float(np.mean(i >= single)) if i.size else float("nan"),
+                                 tar_single=float(np.mean(g >= single)) if g.size else float("nan"),
+                                 far_band=float(np.mean(i >= ti)) if i.size else float("nan"),
+                                 tar_band=float(np.mean(g >= tg)) if g.size else float("nan")))
+    return rows
+
+
+def plot_det(det: dict, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 5))
+    for (n, gated), c in sorted(det.items()):
+        ok = c["fpir"] > 0
+        ax.plot(c["fpir"][ok], c["fnir"][ok], ("-" if gated else "--"), color={100: "C0", 1000: "C1", 5000: "C2"}[n],
+                label=f"N = {n:,}, {'quality floor' if gated else 'no floor'}")
+    ax.set(xscale="log", yscale="log", xlabel="FPIR (non-mated searches identified)",
+           ylabel="FNIR (mated searches not identified as themselves)",
+           title="Open-set identification: lfw-dev + cfp-dev + celeba-299-kept probes")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+
+
+def evaluate(out_dir: Path) -> None:
+    import json
+
+    from engines.model_card import ModelCard
+
+    card = ModelCard.load(CARD)
+    started = time.time()
+    pool = build_pool(card)
+    below = {s: float(np.mean(pool.probe_quality[pool.probe_source == s] < card.calibration.floors.probe))
+             for s in EVAL_SETS}
+    enrol_below = float(np.mean(pool.probe_quality[pool.enrolment] < card.calibration.floors.enrolment))
+    print(f"pool: {len(pool.probe_person)} probe photos of {len(pool.enrolment)} people, {pool.scores.shape[1]} "
+          f"gallery candidates; below the probe floor {below}; enrolment photos below the enrolment floor "
+          f"{enrol_below:.3f}", flush=True)
+    rows, det = evaluate_search(card, pool)
+    equal = {t: at_equal_fpir(det, t) for t in (0.1, 0.01)}
+    negatives = evaluate_negatives(card, pool)
+    verify = evaluate_verify(card)
+    plot_det(det, out_dir / "open_set_det.png")
+    result = dict(seconds=round(time.time() - started, 1), below_probe_floor=below, enrolment_below_floor=enrol_below,
+                  search=rows, equal_fpir={str(t): {f"{n}/{'gated' if g else 'ungated'}": v for (n, g), v in e.items()}
+                                           for t, e in equal.items()},
+                  negatives=negatives, verify=verify)
+    (out_dir / "open_set_results.json").write_text(json.dumps(result, indent=1))
+    print(json.dumps({k: v for k, v in result.items() if k not in ("search", "verify")}, indent=1))
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("step", choices=("embed", "calibrate"))
+    ap.add_argument("step", choices=("embed", "calibrate", "evaluate"))
+    ap.add_argument("--out", type=Path, default=REPO / "benchmarks", help="evaluate: where the JSON and the PNG go")
     ap.add_argument("--sets", nargs="*", default=list(SETS))
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args(argv)
@@ -133,6 +418,8 @@ def main(argv=None) -> None:
             print(embed_set(name, args.threads), flush=True)
     elif args.step == "calibrate":
         calibrate_card()
+    else:
+        evaluate(args.out)
 
 
 if __name__ == "__main__":
