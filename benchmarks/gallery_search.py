@@ -27,7 +27,7 @@ import redis.asyncio as aioredis
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from service_throughput import running_service
 
-from service.gallery_store import GalleryStore
+from service.gallery_store import GalleryStore, Photos
 
 DIM = 128
 
@@ -47,7 +47,7 @@ async def fill(url: str, prefix: str, gallery: str, n: int) -> None:
 
 async def _write(store: GalleryStore, gallery: str, start: int, vectors: np.ndarray, rows: np.ndarray) -> None:
     for i in rows:
-        await store.put(gallery, f"id{start + i}", vectors[i])
+        await store.put(gallery, f"id{start + i}", vectors[i], Photos(1, float("nan")))
 
 
 async def load(base: str, gallery: str, clients: int, seconds: float) -> tuple[int, list[float]]:

@@ -46,7 +46,7 @@ class IndexOptions:
     """How replicas index galleries (the FACESET_GALLERY_* settings); `snapshot_dir` None: no snapshots."""
 
     exact_max: int = 100_000
-    probe: float = 1.0
+    probe: float = 0.25
     snapshot_dir: Path | None = None
     snapshot_min: int = 10_000
     snapshot_interval_s: float = 600.0
@@ -182,8 +182,8 @@ class GalleryService:
         return None
 
     async def save(self, gallery: str, idx: GalleryIndex) -> None:
-        """Rewrites the gallery's snapshot after deletions (erasure), or after changes once per snapshot interval;
-        removes it where the gallery shrank below the snapshot size."""
+        """Rewrites the gallery's snapshot after deletions (erasure) or a new approximate index, or after changes
+        once per snapshot interval; removes it where the gallery shrank below the snapshot size."""
         path = self.snapshot_path(gallery)
         if path is None or not idx.loaded:
             return
@@ -192,7 +192,7 @@ class GalleryService:
                 await asyncio.to_thread(path.unlink, True)
             return
         due = time.monotonic() - self._saved.get(gallery, -math.inf) >= self.options.snapshot_interval_s
-        if idx.deleted or (idx.changed and due) or not path.exists():
+        if idx.deleted or idx.rebuilt or (idx.changed and due) or not path.exists():
             await asyncio.to_thread(write_snapshot, path, idx, self.snapshot_tag(gallery))
             self._saved[gallery] = time.monotonic()
 

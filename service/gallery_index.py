@@ -84,7 +84,7 @@ class GalleryIndex:
         self.rw = RWLock()
         self.generation = 0  # bumped by a reload: a build from before it is thrown away
         self.building = False
-        self.deleted = self.changed = False  # since the last snapshot
+        self.deleted = self.changed = self.rebuilt = False  # since the last snapshot
         self.load("0-0", np.zeros(0, np.int64), [], np.zeros((0, dim), np.float32))
         self.loaded = False
 
@@ -204,7 +204,7 @@ class GalleryIndex:
                 now = [s for s in ids.tolist() if s in self.rows]
                 rows = [self.rows[s] for s in now]
                 index.add_with_ids(self.vectors[rows], np.array(now, np.int64))
-            self.approx, self.approx_size, self.changed = index, n, True
+            self.approx, self.approx_size, self.rebuilt = index, n, True
 
     def describe(self) -> str:
         if self.approx is not None and len(self) > self.exact_max:
@@ -246,7 +246,7 @@ def write_snapshot(path: Path, idx: GalleryIndex, tag: dict) -> None:
         slots, vectors = idx.slots[:n].copy(), idx.vectors[:n].copy()
         names = "\n".join(idx.names[int(s)] for s in slots).encode()  # ids never hold a newline (check_id)
         approx = faiss.serialize_index(idx.approx).tobytes() if idx.approx is not None else b""
-        deleted, idx.deleted, idx.changed = idx.deleted, False, False
+        deleted, idx.deleted, idx.changed, idx.rebuilt = idx.deleted, False, False, False
     parts = [slots.astype("<i8").tobytes(), vectors.astype("<f4").tobytes(), names, approx]
     digest = hashlib.sha256()
     for part in parts:

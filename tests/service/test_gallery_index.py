@@ -2,7 +2,7 @@
 
 Replicas are `GalleryService`s of the real app's FaceService over the real Redis (the package's key
 prefix); the threshold between exact and approximate search is set tiny so a few thousand vectors
-cross it.
+cross it, and every list is probed (random vectors have no structure for fewer lists to exploit).
 """
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ def unit(rng: np.random.Generator, n: int) -> np.ndarray:
 
 def replica(client, settings, redis_client, **options) -> GalleryService:
     store = GalleryStore(redis_client, settings.key_prefix, DIM)
-    return GalleryService(client.app.state.faces, store, None, IndexOptions(**{"exact_max": 300, **options}))
+    return GalleryService(client.app.state.faces, store, None, IndexOptions(**{"exact_max": 300, "probe": 1.0, **options}))
 
 
 async def fill(service: GalleryService, gallery: str, vectors: np.ndarray, start: int = 0) -> None:
