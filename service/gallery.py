@@ -221,6 +221,8 @@ class GalleryService:
             log.warning("gallery %s: could not follow Redis (%s)", gallery, type(exc).__name__)
         except OSError as exc:  # a full disk: the next round tries again; deletions keep it due
             log.warning("gallery %s: could not write its snapshot (%s)", gallery, exc)
+        except Exception:  # the follower must outlive any one gallery: it is what bounds erasure
+            log.exception("gallery %s: could not follow it", gallery)
 
     # ---- operations ------------------------------------------------------------------------
     async def enrol(self, gallery: str, identity: str, images: list[bytes] | None = None,

@@ -100,6 +100,9 @@ class GalleryIndex:
             self.rows = {int(s): r for r, s in enumerate(self.slots)}
             self.names = {int(s): name for s, name in zip(self.slots, names)}
             self.approx, self.approx_size, self.pending = approx, len(self.rows) if approx else 0, None
+            if approx is not None:  # a snapshot's index probes as this replica is set to
+                ivf = faiss.extract_index_ivf(approx)
+                ivf.nprobe = max(1, math.ceil(self.probe * ivf.nlist))
             self.entry, self.loaded = entry, True
             self.generation += 1
 
