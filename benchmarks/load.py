@@ -46,7 +46,7 @@ GALLERY = "bench"
 TEMPLATES = 16
 FRAMES_PER_REQUEST = 3
 REQUEST_DEADLINE_S = 30.0  # a request still unanswered after this counts as "timeout"
-ADMISSION_SLOTS = int(os.environ.get("FACESET_MAX_CONCURRENT_REQUESTS", 64))  # the service reads the same
+ADMISSION_SLOTS = int(os.environ.get("FACESET_MAX_CONCURRENT_REQUESTS", 16))  # the service reads the same
 KEEPALIVE_S = 1.0  # under uvicorn's 5 s: a connection the server is closing for idleness is never reused
 QUEUE_WAIT = "faceset_batch_queue_wait_seconds"
 

@@ -107,20 +107,25 @@ async def _drain(receive: Receive, max_bytes: int, timeout_s: float) -> None:
 
 
 class HeaderDeadline(H11Protocol):
-    """uvicorn's h11 protocol, closing a connection whose request headers take over `header_timeout_s`."""
+    """uvicorn's h11 protocol, closing a connection whose request headers take over `header_timeout_s`.
+
+    After a response the connection may first idle for the keep-alive allowance (uvicorn closes it when
+    that passes with nothing sent), so the next request's headers are due by keep_alive_s + header_timeout_s.
+    """
 
     header_timeout_s = 10.0
+    keep_alive_s = 75.0
 
     def connection_made(self, transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
-        self._arm()
+        self._arm(self.header_timeout_s)
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
-        self._arm()
+        self._arm(self.keep_alive_s + self.header_timeout_s)
 
-    def _arm(self) -> None:
-        self.loop.call_later(self.header_timeout_s, self._expire, self.cycle)
+    def _arm(self, seconds: float) -> None:
+        self.loop.call_later(seconds, self._expire, self.cycle)
 
     def _expire(self, cycle) -> None:
         # the same cycle as when armed: no new request's headers arrived in time
@@ -130,5 +135,6 @@ class HeaderDeadline(H11Protocol):
 
 def server_options(settings) -> dict:
     """uvicorn options the limits need (`faceset serve` and the tests' live servers use the same)."""
-    protocol = type("HeaderDeadline", (HeaderDeadline,), {"header_timeout_s": settings.header_timeout_s})
-    return {"http": protocol}
+    protocol = type("HeaderDeadline", (HeaderDeadline,), {"header_timeout_s": settings.header_timeout_s,
+                                                          "keep_alive_s": settings.keep_alive_s})
+    return {"http": protocol, "timeout_keep_alive": settings.keep_alive_s}

@@ -15,13 +15,13 @@ from prometheus_client.parser import text_string_to_metric_families
 from tests.helpers import drop_keys, live_server, make_settings
 
 MAX_BODY = 2 * 1024 * 1024
-SLOTS, BODY_TIMEOUT_S, HEADER_TIMEOUT_S = 2, 1.0, 1.0
+SLOTS, BODY_TIMEOUT_S, HEADER_TIMEOUT_S, KEEP_ALIVE_S = 2, 1.0, 1.0, 2.0
 
 
 @pytest.fixture(scope="module")
 def server(redis_available):
     settings = make_settings(max_body_bytes=MAX_BODY, max_concurrent_requests=SLOTS, body_timeout_s=BODY_TIMEOUT_S,
-                             header_timeout_s=HEADER_TIMEOUT_S)
+                             header_timeout_s=HEADER_TIMEOUT_S, keep_alive_s=KEEP_ALIVE_S)
     try:
         with live_server(settings) as running:
             yield running
@@ -126,3 +126,30 @@ def test_slow_headers_are_cut_off(server):
             except OSError:  # reset: closed as well
                 closed = True
         assert closed and time.monotonic() - started < HEADER_TIMEOUT_S + 1
+
+
+def _get_healthz(s: socket.socket) -> bytes:
+    """One whole response (status line, headers, Content-Length bytes of body) read off a kept-alive socket."""
+    s.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data += s.recv(4096)
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = int(next(line.split(b":")[1] for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")))
+    while len(body) < length:
+        body += s.recv(4096)
+    return head
+
+
+def test_an_idle_keep_alive_connection_lasts_the_keep_alive_allowance_then_closes(server):
+    """Idle past the header deadline but within keep_alive_s, the connection still serves (a balancer's
+    pooled connection is not reset under it); idle past keep_alive_s + header_timeout_s, it is closed."""
+    _, port = server
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        assert _get_healthz(s).startswith(b"HTTP/1.1 200")
+        time.sleep(HEADER_TIMEOUT_S + 0.5)  # < KEEP_ALIVE_S
+        assert _get_healthz(s).startswith(b"HTTP/1.1 200")
+        started = time.monotonic()
+        s.settimeout(KEEP_ALIVE_S + HEADER_TIMEOUT_S + 2)
+        assert s.recv(4096) == b""  # closed by the server, not by this client's timeout
+        assert time.monotonic() - started < KEEP_ALIVE_S + HEADER_TIMEOUT_S + 1
