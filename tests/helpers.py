@@ -60,6 +60,26 @@ def lfw_pairs(data_dir: Path, same: bool, k: int) -> list[tuple[str, int, str, i
     return [(r[0], int(r[1]), r[0], int(r[2])) if same else (r[0], int(r[1]), r[2], int(r[3])) for r in rows]
 
 
+def encode(img, fmt: str, **kw) -> bytes:
+    """A PIL image saved in `fmt` (Pillow's save options as keywords)."""
+    import io
+
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+def celeba_people(data_dir: Path, first: int, count: int, photos: int = 8) -> list[list[bytes]]:
+    """`photos` photos each of `count` CelebA-299 identities (those with that many), from the `first`-th on."""
+    folders = [p for p in sorted((data_dir / "celeba-299").iterdir()) if len(list(p.glob("*.jpg"))) >= photos]
+    return [[f.read_bytes() for f in sorted(d.glob("*.jpg"))[:photos]] for d in folders[first:first + count]]
+
+
+def gallery_header(settings: Settings, name: str) -> dict:
+    """The X-Gallery header naming a test gallery under the settings' key prefix."""
+    return {"X-Gallery": f"{settings.key_prefix.strip(':')}.{name}"}
+
+
 def photo(lfw: Path, name: str, n: int = 1) -> bytes:
     return (lfw / f"{name}_{n:04d}.jpg").read_bytes()
 

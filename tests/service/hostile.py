@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image
+from tests.helpers import encode
 
 OK, TOO_LARGE, UNDECODABLE, UNSUPPORTED = ("ok", 200), ("image_too_large", 422), ("undecodable_image", 422), \
     ("unsupported_media_type", 415)
@@ -25,12 +26,6 @@ class Case:
     data: bytes
     code: str  # "ok" for a 200
     status: int
-
-
-def _encode(img: Image.Image, fmt: str, **kw) -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, format=fmt, **kw)
-    return buf.getvalue()
 
 
 def _texture(w: int = 96, h: int = 72) -> Image.Image:
@@ -58,7 +53,7 @@ def png_zero_bomb(side: int = 30_000) -> bytes:
 
 def _jpeg_declaring(width: int, height: int) -> bytes:
     """A small real JPEG whose SOF header claims width × height."""
-    data = bytearray(_encode(_texture(), "JPEG", quality=80))
+    data = bytearray(encode(_texture(), "JPEG", quality=80))
     sof = data.index(b"\xff\xc0")
     data[sof + 5:sof + 9] = struct.pack(">HH", height, width)
     return bytes(data)
@@ -66,7 +61,7 @@ def _jpeg_declaring(width: int, height: int) -> bytes:
 
 def _webp_declaring(width: int, height: int) -> bytes:
     """A small lossless WebP whose VP8L header claims width × height (each at most 16384)."""
-    data = bytearray(_encode(_texture(), "WEBP", lossless=True))
+    data = bytearray(encode(_texture(), "WEBP", lossless=True))
     at = data.index(b"VP8L") + 8
     assert data[at] == 0x2F  # the VP8L signature byte
     bits = struct.unpack("<I", data[at + 1:at + 5])[0] & ~((1 << 28) - 1)  # keep alpha + version bits
@@ -77,7 +72,7 @@ def _webp_declaring(width: int, height: int) -> bytes:
 def _exif_orientation(value: int) -> bytes:
     exif = Image.Exif()
     exif[0x0112] = value
-    return _encode(_texture(), "JPEG", exif=exif.tobytes())
+    return encode(_texture(), "JPEG", exif=exif.tobytes())
 
 
 def _itxt(text_bytes: int, compressed: bool) -> bytes:
@@ -89,14 +84,14 @@ def _itxt(text_bytes: int, compressed: bool) -> bytes:
     else:
         body = block * (text_bytes >> 20)
     itxt = _chunk(b"iTXt", b"Comment\x00" + bytes([int(compressed), 0]) + b"\x00\x00" + body)
-    png = _encode(_texture(), "PNG")
+    png = encode(_texture(), "PNG")
     return png[:33] + itxt + png[33:]  # right after IHDR (8 signature + 25 IHDR bytes)
 
 
 def _animated(fmt: str) -> bytes:
     frames = [_texture().rotate(k * 90) for k in range(3)]
     kw = {"lossless": True} if fmt == "WEBP" else {}
-    return _encode(frames[0], fmt, save_all=True, append_images=frames[1:], duration=100, loop=0, **kw)
+    return encode(frames[0], fmt, save_all=True, append_images=frames[1:], duration=100, loop=0, **kw)
 
 
 def _polyglot() -> bytes:
@@ -112,8 +107,8 @@ def _cut(data: bytes, keep: float = 0.5) -> bytes:
 
 
 def corpus() -> list[Case]:
-    jpeg, png = _encode(_texture(), "JPEG"), _encode(_texture(), "PNG")
-    webp = _encode(_texture(), "WEBP", quality=80)
+    jpeg, png = encode(_texture(), "JPEG"), encode(_texture(), "PNG")
+    webp = encode(_texture(), "WEBP", quality=80)
     gray16 = Image.fromarray((np.arange(96 * 72, dtype=np.uint16).reshape(72, 96) * 9).astype(np.uint16))
     cases = [
         ("png bomb 30000x30000 zeros", png_zero_bomb(), *TOO_LARGE),
@@ -125,9 +120,9 @@ def corpus() -> list[Case]:
         ("truncated webp", _cut(webp), *UNDECODABLE),
         ("webp header only", webp[:20], *UNDECODABLE),
         ("wrong magic (jpeg body)", b"\x00\x00\x00" + jpeg[3:], *UNSUPPORTED),
-        ("gif", _encode(_texture(), "GIF"), *UNSUPPORTED),
-        ("tiff", _encode(_texture(), "TIFF"), *UNSUPPORTED),
-        ("bmp", _encode(_texture(), "BMP"), *UNSUPPORTED),
+        ("gif", encode(_texture(), "GIF"), *UNSUPPORTED),
+        ("tiff", encode(_texture(), "TIFF"), *UNSUPPORTED),
+        ("bmp", encode(_texture(), "BMP"), *UNSUPPORTED),
         ("svg", b'<svg xmlns="http://www.w3.org/2000/svg" width="9e9" height="9e9"><rect/></svg>', *UNSUPPORTED),
         ("heic-like header", b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic" + b"\x00" * 64, *UNSUPPORTED),
         ("one byte", b"\xff", *UNSUPPORTED),
@@ -136,12 +131,12 @@ def corpus() -> list[Case]:
         ("jpeg exif orientation 9", _exif_orientation(9), *OK),
         ("jpeg exif orientation 65535", _exif_orientation(65_535), *OK),
         ("jpeg garbage exif", jpeg[:2] + b"\xff\xe1\x00\x20Exif\x00\x00" + b"\xa5" * 24 + jpeg[2:], *OK),
-        ("png 16-bit grey", _encode(gray16, "PNG"), *OK),
-        ("jpeg cmyk", _encode(_texture().convert("CMYK"), "JPEG"), *OK),
-        ("png palette with transparency", _encode(_texture().convert("P"), "PNG", transparency=0), *OK),
-        ("png LA", _encode(_texture().convert("LA"), "PNG"), *OK),
-        ("png 1x1", _encode(Image.new("RGB", (1, 1), (200, 150, 120)), "PNG"), *OK),
-        ("jpeg 1x1", _encode(Image.new("RGB", (1, 1), (200, 150, 120)), "JPEG"), *OK),
+        ("png 16-bit grey", encode(gray16, "PNG"), *OK),
+        ("jpeg cmyk", encode(_texture().convert("CMYK"), "JPEG"), *OK),
+        ("png palette with transparency", encode(_texture().convert("P"), "PNG", transparency=0), *OK),
+        ("png LA", encode(_texture().convert("LA"), "PNG"), *OK),
+        ("png 1x1", encode(Image.new("RGB", (1, 1), (200, 150, 120)), "PNG"), *OK),
+        ("jpeg 1x1", encode(Image.new("RGB", (1, 1), (200, 150, 120)), "JPEG"), *OK),
         ("animated webp", _animated("WEBP"), *OK),
         ("apng", _animated("PNG"), *OK),
         ("png 2 MB iTXt", _itxt(2 << 20, compressed=False), *OK),

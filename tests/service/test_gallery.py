@@ -10,6 +10,7 @@ from fastapi.testclient import TestClient
 
 from service.app import create_app
 from service.faces import probe_image
+from tests.helpers import celeba_people, gallery_header
 
 pytestmark = pytest.mark.data
 
@@ -17,12 +18,8 @@ pytestmark = pytest.mark.data
 @pytest.fixture(scope="module")
 def people(data_dir) -> list[list[bytes]]:
     """Photos of five CelebA identities, eight each."""
-    folders = [p for p in sorted((data_dir / "celeba-299").iterdir()) if len(list(p.glob("*.jpg"))) >= 8][10:15]
-    return [[f.read_bytes() for f in sorted(d.glob("*.jpg"))[:8]] for d in folders]
+    return celeba_people(data_dir, 10, 5)
 
-
-def _gallery(settings, name: str) -> dict:
-    return {"X-Gallery": f"{settings.key_prefix.strip(':')}.{name}"}
 
 
 def _enrol(client, headers, identity, photos):
@@ -38,7 +35,7 @@ def _search(client, headers, photos, **params):
 
 
 def test_enrolled_people_are_identified_and_strangers_are_not(client, settings, people):
-    g = _gallery(settings, "identify")
+    g = gallery_header(settings, "identify")
     for k in range(4):  # person 4 stays a stranger
         assert _enrol(client, g, f"p{k}", people[k][:4])["count"] == k + 1
     results = _search(client, g, [people[k][5] for k in range(5)], top_k=3, far=1e-3)  # a 1:1 threshold
@@ -53,7 +50,7 @@ def test_enrolled_people_are_identified_and_strangers_are_not(client, settings, 
 
 
 def test_reenrolment_replaces_and_deletion_erases(client, settings, people):
-    g = _gallery(settings, "replace")
+    g = gallery_header(settings, "replace")
     _enrol(client, g, "x", people[0][:3])
     _enrol(client, g, "y", people[1][:3])
     assert _search(client, g, [people[0][6]], far=1e-2)[0]["identified"] == "x"
@@ -66,14 +63,14 @@ def test_reenrolment_replaces_and_deletion_erases(client, settings, people):
 
 
 def test_galleries_are_separate(client, settings, people):
-    a, b = _gallery(settings, "ga"), _gallery(settings, "gb")
+    a, b = gallery_header(settings, "ga"), gallery_header(settings, "gb")
     _enrol(client, a, "only-in-a", people[3][:2])
     assert client.get("/gallery", headers=b).json()["count"] == 0
     assert _search(client, b, [people[3][5]])[0]["matches"] == []
 
 
 def test_enrol_by_embedding_and_by_template(client, settings, people):
-    g = _gallery(settings, "sources")
+    g = gallery_header(settings, "sources")
     face = client.post("/embed", files=[("images", people[1][0])]).json()["results"][0]["faces"][0]
     assert client.post("/gallery/by-embedding", json={"embedding": face["embedding"]}, headers=g).status_code == 200
     query = client.post("/gallery/search", json={"embedding": face["embedding"]}, headers=g).json()["results"][0]
@@ -89,7 +86,7 @@ def test_enrol_by_embedding_and_by_template(client, settings, people):
 
 
 def test_bad_gallery_requests(client, settings, people):
-    g = _gallery(settings, "errors")
+    g = gallery_header(settings, "errors")
     import io
 
     from PIL import Image
@@ -116,7 +113,7 @@ def test_bad_gallery_requests(client, settings, people):
 
 def test_replicas_follow_each_other_through_redis(settings, people, client):
     """Two replicas, one Redis: writes on either are seen by searches on the other, also after the log is trimmed."""
-    g = _gallery(settings, "replicas")
+    g = gallery_header(settings, "replicas")
     emb = [client.post("/embed", files=[("images", p[0])]).json()["results"][0]["faces"][0]["embedding"] for p in people]
     with TestClient(create_app(settings)) as other:
         client.post("/gallery/r0", json={"embedding": emb[0]}, headers=g)
@@ -138,7 +135,7 @@ def test_replicas_follow_each_other_through_redis(settings, people, client):
 
 
 def test_json_and_multipart_queries_agree(client, settings, people):
-    g = _gallery(settings, "forms")
+    g = gallery_header(settings, "forms")
     _enrol(client, g, "p", people[0][:2])
     multipart = _search(client, g, [people[0][3]])[0]
     as_json = client.post("/gallery/search", json={"images": [{"data": base64.b64encode(people[0][3]).decode()}]},

@@ -14,7 +14,7 @@ from PIL import Image, ImageFilter
 
 from engines.model_card import fpir_threshold
 from service.app import create_app
-from tests.helpers import drop_keys, make_settings
+from tests.helpers import celeba_people, drop_keys, gallery_header, make_settings
 
 pytestmark = pytest.mark.data
 
@@ -22,12 +22,8 @@ pytestmark = pytest.mark.data
 @pytest.fixture(scope="module")
 def people(data_dir) -> list[list[bytes]]:
     """Photos of six CelebA-299 identities, eight each."""
-    folders = [p for p in sorted((data_dir / "celeba-299").iterdir()) if len(list(p.glob("*.jpg"))) >= 8][20:26]
-    return [[f.read_bytes() for f in sorted(d.glob("*.jpg"))[:8]] for d in folders]
+    return celeba_people(data_dir, 20, 6)
 
-
-def _g(settings, name: str) -> dict:
-    return {"X-Gallery": f"{settings.key_prefix.strip(':')}.{name}"}
 
 
 def _quality(client, photo: bytes) -> float:
@@ -54,7 +50,7 @@ def _degraded(photo: bytes) -> bytes:
 
 
 def test_threshold_comes_from_the_card_and_grows_with_the_gallery(client, settings):
-    card, g = client.app.state.faces.card, _g(settings, "sizes")
+    card, g = client.app.state.faces.card, gallery_header(settings, "sizes")
     rng = np.random.default_rng(0)
     vectors = rng.normal(size=(40, card.embedding_size))
     probe = {"embedding": vectors[0].tolist()}
@@ -75,7 +71,7 @@ def test_threshold_comes_from_the_card_and_grows_with_the_gallery(client, settin
 
 
 def test_stranger_is_unknown_and_a_poor_probe_is_low_quality(client, settings, people):
-    g = _g(settings, "decide")
+    g = gallery_header(settings, "decide")
     for k in range(5):  # person 5 is never enrolled
         r = client.post(f"/gallery/p{k}", files=[("images", p) for p in people[k][:4]], headers=g)
         assert r.status_code == 200, r.text
@@ -91,7 +87,7 @@ def test_stranger_is_unknown_and_a_poor_probe_is_low_quality(client, settings, p
 
 
 def test_enrolment_below_the_floor_needs_force(client, settings, people):
-    g = _g(settings, "floor")
+    g = gallery_header(settings, "floor")
     poor = min(people[4], key=lambda p: _quality(client, p))  # a real photo, seen poorly
     assert _quality(client, poor) < client.app.state.faces.card.calibration.floors.enrolment
     refused = client.post("/gallery/weak", files=[("images", poor)], headers=g)
@@ -103,7 +99,7 @@ def test_enrolment_below_the_floor_needs_force(client, settings, people):
 
 @pytest.mark.parametrize("fpir", [1e-5, 0.5, 0, 1.5])
 def test_fpir_out_of_range_is_422_in_every_encoding(client, settings, people, fpir):
-    g = _g(settings, "range")
+    g = gallery_header(settings, "range")
     answers = [
         client.post("/gallery/search", json={"embedding": [1.0] * 128, "fpir": fpir}, headers=g),
         client.post("/gallery/search", files=[("images", people[0][0])], data={"fpir": str(fpir)}, headers=g),
