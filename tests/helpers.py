@@ -124,3 +124,17 @@ def gpu_skip_reason() -> str | None:
     except Exception as exc:  # a missing driver raises from inside cuda-python's loader
         return f"no CUDA driver: {exc}"
     return None if int(err) == 0 and count > 0 else "no CUDA device"
+
+
+def anchor_card(anchors: Path, folder: Path, name: str = "mobilefacenet-a") -> Path:
+    """A card in `folder` for ../shared/anchors' MobileFaceNet A as a user brings it (112 px arcface-aligned, BGR,
+    (x − 127.5)/128), its ONNX a symlink to the anchor: read there, never copied. Returns the folder."""
+    from engines.insightface_cards import card_for_insightface_onnx
+
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{name}.onnx").symlink_to(anchors / f"{name}.onnx")
+    card = card_for_insightface_onnx(folder / f"{name}.onnx", name, licence="not stated (anchor model, tests only)",
+                                     source=f"../shared/anchors/{name}.onnx")
+    card.input = card.input.model_copy(update={"channel_order": "BGR", "std": [128.0] * 3})
+    card.save(folder)
+    return folder

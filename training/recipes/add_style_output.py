@@ -22,6 +22,11 @@ with output_scale 20 reproduces the function exactly. Steps:
    embedding and style), carrying the card's flip TTA, magnitude, quality, calibration, training,
    accuracy and licence over unchanged: the embeddings are the same function, so every figure
    measured on them still holds. The new ONNX's embeddings are checked against the old ONNX's too.
+
+A model with no torch twin (any imported ONNX) gets the same output, in the same layout, by graph
+surgery instead: `faceset model style` (engines.style_taps), which `faceset model fuse` runs first.
+This recipe re-exports because the shipped fusion model was trained on the maps our backbone's
+`forward_intermediates` names.
 """
 from __future__ import annotations
 
