@@ -88,7 +88,8 @@ class OnnxRuntimeEngine(ChunkedEngine):
         if graph_input.type != "tensor(float)":
             raise ModelCardError(f"{where}: input {graph_input.name!r} is {graph_input.type}, expected tensor(float)")
         shape, s = list(graph_input.shape), self.input_size
-        if len(shape) != 4 or shape[1:] != [3, s, s]:
+        # a side the graph leaves symbolic takes the card's size (faceset model import --input-size)
+        if len(shape) != 4 or shape[1] != 3 or any(isinstance(d, int) and d != s for d in shape[2:]):
             raise ModelCardError(f"{where}: input shape {shape} does not match the card's (N, 3, {s}, {s})")
         outputs = {o.name: o for o in self.session.get_outputs()}
         for wanted in filter(None, (self.card.outputs.embedding, self.card.outputs.style)):

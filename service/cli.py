@@ -1,8 +1,9 @@
-"""The `faceset` command line: `serve` from here, every other command from installed plugins.
+"""The `faceset` command line: `serve` and `model …` from here, every other command from installed plugins.
 
 A distribution adds commands by naming a `typer.Typer` in the `faceset.commands` entry-point group;
-faceset-train (training/) adds `train`, `eval`, `export`, `data …`, `convert …`, `caface …`. A base
-install has only `serve`. Commands import their modules when they run: `serve` never loads torch.
+faceset-train (training/) adds `train`, `eval`, `export`, `data …`, `convert …`, `caface …`. A `typer.Typer`
+in the `faceset.model` group adds its commands to `faceset model` (`service.model_cli.model_app`). A base
+install has `serve` and `model import`. Commands import their modules when they run: `serve` never loads torch.
 """
 from __future__ import annotations
 
@@ -11,7 +12,10 @@ from typing import Annotated
 
 import typer
 
+from service.model_cli import model_app
+
 PLUGIN_GROUP = "faceset.commands"
+MODEL_PLUGIN_GROUP = "faceset.model"
 
 serving = typer.Typer()
 
@@ -56,7 +60,17 @@ def build_app() -> typer.Typer:
     for commands in [serving, *(ep.load() for ep in entry_points(group=PLUGIN_GROUP))]:
         app.registered_commands += commands.registered_commands
         app.registered_groups += commands.registered_groups
+    app.add_typer(model_group(), name="model")
     return app
+
+
+def model_group() -> typer.Typer:
+    """`faceset model`: the base install's commands and those of the `faceset.model` plugins (a fresh group each
+    call, so building the app twice does not list a plugin's commands twice)."""
+    group = typer.Typer(no_args_is_help=True, help=model_app.info.help)
+    for commands in [model_app, *(ep.load() for ep in entry_points(group=MODEL_PLUGIN_GROUP))]:
+        group.registered_commands += commands.registered_commands
+    return group
 
 
 def main() -> None:  # pragma: no cover - console entry point

@@ -19,6 +19,15 @@ def data_dir() -> Path:
     return path
 
 
+@pytest.fixture(scope="session")
+def anchors_dir() -> Path:
+    """Other people's models, the ones a user brings (FACESET_ANCHORS_DIR, default ../shared/anchors beside the
+    repository): read from there, never copied into the project. CI has them, so a missing folder fails."""
+    path = Path(os.environ.get("FACESET_ANCHORS_DIR", Path(__file__).resolve().parents[2] / "shared" / "anchors"))
+    assert (path / "mobilefacenet-a.onnx").is_file(), f"anchor models not found at {path} (FACESET_ANCHORS_DIR)"
+    return path
+
+
 # In CI (CI=true) a skip must be one that hardware explains: a test marked `gpu`, or a reason starting
 # with HARDWARE_SKIP. Any other skip (face data, a wheel, a model file, redis-server, a package) is
 # something CI can have, so the run fails and lists it rather than passing with the claim untested.

@@ -21,9 +21,9 @@ def test_faceset_help_lists_serve_and_the_installed_training_commands():
     if not any(ep.value == "training.cli:app" for ep in entry_points(group=PLUGIN_GROUP)):
         pytest.fail("faceset-train is not installed (pip install -e training): its commands cannot be registered")
     faceset = build_app()
-    assert set(typer.main.get_command(faceset).commands) == {"serve"} | TRAINING_COMMANDS
+    assert set(typer.main.get_command(faceset).commands) == {"serve", "model"} | TRAINING_COMMANDS
     result = CliRunner().invoke(faceset, ["--help"])
-    assert result.exit_code == 0 and all(f"│ {name} " in result.output for name in {"serve"} | TRAINING_COMMANDS)
+    assert result.exit_code == 0 and all(f"│ {name} " in result.output for name in {"serve", "model"} | TRAINING_COMMANDS)
 
 
 def test_registering_the_commands_loads_no_torch():
