@@ -55,9 +55,11 @@ def build_pipeline(settings: Settings) -> FacePipeline:
 
 
 def build_templates(settings: Settings, state) -> tuple[TemplateService | None, str | None]:
-    """The template service, or None and why (no fusion model, or a recognition model without style output;
-    both served runtimes return every output the card declares)."""
+    """The template service, or None and why (fusion off by setting, no fusion model, or a recognition model
+    without style output; both served runtimes return every output the card declares)."""
     card = state.faces.card
+    if settings.fusion_card is None:
+        return None, "fusion is off by setting (FACESET_FUSION_CARD=none)"
     if not (settings.fusion_card / "card.yaml").exists() and settings.fusion_card.suffix != ".yaml":
         return None, f"no fusion model at {settings.fusion_card} (FACESET_FUSION_CARD)"
     if card.outputs.style is None:

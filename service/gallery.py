@@ -65,6 +65,12 @@ def veto(probe: np.ndarray, candidates: list[tuple[str, float]], negatives: dict
     return {i for i, sim in candidates if i in negatives and float(np.max(negatives[i] @ probe)) >= sim}
 
 
+def fusion_used(photos: Photos) -> str:
+    """How an identity's vector was made: "caface" (the template of its kept CAFace memory) or "mean" (the mean of
+    its photos' unit embeddings, where the fusion model is off or the served model has no style output)."""
+    return "caface" if photos.memory is not None else "mean"
+
+
 @dataclass(frozen=True)
 class SearchResult:
     matches: list[tuple[str, float]]

@@ -272,6 +272,12 @@ class Deleted(BaseModel):
     deleted: bool
 
 
+Fusion = Annotated[Literal["caface", "mean"], Field(
+    description="How the identity's photos were fused: caface (the CAFace fusion model, over every photo, "
+                "frame or template it was given) or mean (the mean of the photos' unit embeddings, where fusion "
+                "is off or the model has no style output; a single embedding is itself)")]
+
+
 class Enrolled(BaseModel):
     id: str
     gallery: str
@@ -279,6 +285,7 @@ class Enrolled(BaseModel):
     photos: int = Field(description="Photos the identity is fused from (with mode=add, all it was ever given)")
     quality: float | None = Field(description="The identity's quality in [0, 1] (CAFace: the evidence of all its "
                                   "photos; else their mean MagFace quality); null for a bare embedding")
+    fusion: Fusion
 
 
 class IdentityOut(BaseModel):
@@ -288,6 +295,7 @@ class IdentityOut(BaseModel):
     quality: float | None = Field(description="As in the enrolment's answer")
     negatives: int = Field(description="Photos or embeddings of other people it must not be identified as")
     memory: bool = Field(description="Whether its CAFace memory is kept, so mode=add can add photos to it")
+    fusion: Fusion
 
 
 class NegativesAdded(BaseModel):

@@ -30,9 +30,11 @@ class Settings(BaseSettings):
     model_card: Path = Field(
         default=MODELS / "default",
         description="Recognition model: a card.yaml or the folder holding one (ONNX + card).")
-    fusion_card: Path = Field(
+    fusion_card: Path | None = Field(
         default=MODELS / "caface",
-        description="CAFace fusion model (two ONNX + card) for /templates; where absent, /templates answers 503.")
+        description="CAFace fusion model (two ONNX + card) for /templates and gallery enrolment from several photos; "
+                    "'none' turns them off (templates answer 503 saying so; the gallery fuses photos by their mean). "
+                    "Where absent, likewise. It must have been trained on the served model (faceset model fuse).")
     template_min_quality: float = Field(
         default=0.0, ge=0, le=1,
         description="Quality floor of a template frame when the request sets none; frames below it are reported "
@@ -167,6 +169,11 @@ class Settings(BaseSettings):
         if value not in get_args(ServingRuntime):  # pydantic's own message names the field, not the variable
             raise ValueError(f"FACESET_ENGINE must be one of {', '.join(get_args(ServingRuntime))}, not {value!r}")
         return value
+
+    @field_validator("fusion_card", mode="before")
+    @classmethod
+    def _none(cls, value: object) -> object:
+        return None if isinstance(value, str) and value.strip().lower() == "none" else value
 
     @field_validator("model_card", "detector_dir")
     @classmethod

@@ -13,6 +13,7 @@ from fastapi import APIRouter, Depends, Header, Path
 from service.auth import Authenticated
 from service.deps import Admitted, AppSettings, Gallery
 from service.errors import InvalidInput
+from service.gallery import fusion_used
 from service.inputs import RequestBody, frames
 from service.routes.openapi import body
 from service.schemas import (
@@ -69,14 +70,15 @@ async def enrol(identity: IdentityId, request: Annotated[GalleryEnrolRequest, De
     count, photos = await gallery.enrol(x_gallery, identity, images, request.embedding, request.template_id,
                                         frames(request) if request.frames else None, add=request.mode == "add",
                                         force=request.force)
-    return Enrolled(id=identity, gallery=x_gallery, count=count, photos=photos.count, quality=_finite(photos.quality))
+    return Enrolled(id=identity, gallery=x_gallery, count=count, photos=photos.count, quality=_finite(photos.quality),
+                    fusion=fusion_used(photos))
 
 
 @router.get("/{identity}", response_model=IdentityOut, summary="What an identity is fused from")
 async def identity_info(identity: IdentityId, gallery: Gallery, x_gallery: GalleryName = "default") -> IdentityOut:
     photos, negatives = await gallery.identity(x_gallery, identity)
     return IdentityOut(id=identity, gallery=x_gallery, photos=photos.count, quality=_finite(photos.quality),
-                       negatives=negatives, memory=photos.memory is not None)
+                       negatives=negatives, memory=photos.memory is not None, fusion=fusion_used(photos))
 
 
 @router.post("/{identity}/negatives", response_model=NegativesAdded, summary="Not this person: never identify "

@@ -67,7 +67,7 @@ def test_adding_photos_fuses_every_photo_ever_given(client, settings, people):
     assert float(_vector(client, g, "x") @ _vector(client, g, "at-once")) > 0.9999
     info = client.get("/gallery/x", headers=g).json()
     assert info == {"id": "x", "gallery": g["X-Gallery"], "photos": 4, "quality": added["quality"], "negatives": 0,
-                    "memory": True}
+                    "memory": True, "fusion": "caface"}
     # re-enrolling (the default mode) replaces every photo
     assert _post(client, "/gallery/x", g, photos[4:5])["photos"] == 1
     assert client.get("/gallery/x", headers=g).json()["photos"] == 1
@@ -78,7 +78,8 @@ def test_what_cannot_be_added_says_why(client, settings, people, tmp_path):
     face = _post(client, "/embed", {}, photos["7203"][:1])["results"][0]["faces"][0]
     _post(client, "/gallery/bare", g, json={"embedding": face["embedding"]})
     assert client.get("/gallery/bare", headers=g).json() == {
-        "id": "bare", "gallery": g["X-Gallery"], "photos": 1, "quality": None, "negatives": 0, "memory": False}
+        "id": "bare", "gallery": g["X-Gallery"], "photos": 1, "quality": None, "negatives": 0, "memory": False,
+        "fusion": "mean"}
     kept_no_memory = client.post("/gallery/bare", files=[("images", photos["7203"][1])], params={"mode": "add"},
                                  headers=g)
     assert kept_no_memory.status_code == 409 and "mode=replace" in kept_no_memory.json()["error"]["message"]
