@@ -127,14 +127,9 @@ def gpu_skip_reason() -> str | None:
 
 
 def anchor_card(anchors: Path, folder: Path, name: str = "mobilefacenet-a") -> Path:
-    """A card in `folder` for ../shared/anchors' MobileFaceNet A as a user brings it (112 px arcface-aligned, BGR,
-    (x − 127.5)/128), its ONNX a symlink to the anchor: read there, never copied. Returns the folder."""
-    from engines.insightface_cards import card_for_insightface_onnx
+    """`folder` holding ../shared/anchors' MobileFaceNet A imported as `faceset model import` does (a copy of the ONNX
+    and its card: 112 px arcface-aligned, BGR, (x − 127.5)/128, as the anchors' README gives). Returns the folder."""
+    from engines.model_import import Conventions, card_for_onnx, publish_onnx
 
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / f"{name}.onnx").symlink_to(anchors / f"{name}.onnx")
-    card = card_for_insightface_onnx(folder / f"{name}.onnx", name, licence="not stated (anchor model, tests only)",
-                                     source=f"../shared/anchors/{name}.onnx")
-    card.input = card.input.model_copy(update={"channel_order": "BGR", "std": [128.0] * 3})
-    card.save(folder)
-    return folder
+    card = card_for_onnx(anchors / f"{name}.onnx", Conventions("BGR", (127.5,) * 3, (128.0,) * 3), name)
+    return publish_onnx(card, folder).parent
