@@ -38,11 +38,13 @@ def _tree(root: Path) -> dict[str, list[Path]]:
 
 
 def celeba_split() -> tuple[dict[str, list[Path]], dict[str, list[Path]]]:
-    """(hold-out, other CelebA-10k-only identities), by training.data.split's rule (sorted names, every 3rd with 2+)."""
+    """(hold-out, other CelebA-10k-only identities), by the training split's rule (engines.holdout: sorted names,
+    every 3rd with 2+)."""
+    from engines.holdout import holdout_names
+
     ids = _tree(DATA / "celeba-10k-aligned")
     protected = set(_tree(DATA / "celeba-299"))
-    candidates = [n for n in sorted(ids) if n not in protected and len(ids[n]) >= 2]
-    holdout = set(candidates[::3])
+    holdout = holdout_names(ids, protected, every=3, min_images=2)
     return ({n: ids[n] for n in sorted(holdout)},
             {n: p for n, p in ids.items() if n not in holdout and n not in protected})
 
@@ -117,9 +119,9 @@ def faces(name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 def calibrate_card() -> None:
-    """Recalibrate the shipped card on the hold-out (the same as `faceset calibrate --embeddings`)."""
+    """Recalibrate the shipped card on the hold-out (engines.calibration, as `faceset model calibrate` does on photos)."""
+    from engines.calibration import calibrate
     from engines.model_card import ModelCard
-    from training.calibrate import calibrate
 
     emb, labels, _ = faces("celeba-holdout")
     card = calibrate(ModelCard.load(CARD), emb, labels, "CelebA-10k hold-out identities (raw photos, our MTCNN)",
@@ -333,7 +335,7 @@ def evaluate_verify(card) -> list[dict]:
     """All-vs-all pairs of lfw-dev and cfp-dev: measured FAR and TAR at the requested FAR, per band of the pair's
     lower quality and overall, with the card's single threshold and with its band thresholds (far_threshold)."""
     from service.decisions import far_threshold
-    from training.calibrate import pair_scores
+    from engines.calibration import pair_scores
 
     rows = []
     for name in ("lfw-dev", "cfp-dev"):

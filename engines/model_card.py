@@ -15,7 +15,9 @@ Conventions the fields rely on:
               channels in `input.channel_order`, layout NCHW (`engines.base.preprocess`).
   embedding   the raw network output f (not normalised): ‖f‖ is the magnitude, f/‖f‖ is compared
               by cosine. With `flip_tta`, f = f(image) + f(mirrored image).
-  quality     "magface_linear": q = clip((‖f‖ − low)/(high − low), 0, 1).
+  quality     "magface_linear": q = clip((‖f‖ − low)/(high − low), 0, 1), only where calibration validated
+              the magnitude (`QualityCheck`: a MagFace-trained model whose error-versus-reject curve falls);
+              otherwise null, and nothing (bands, floors, the service) gates on quality.
   calibration cosine thresholds of f/‖f‖ at given false accept rates (FAR), measured on data not
               used for training. Card version 2 adds, from the same hold-out: the open-set tail model
               (FPIR(t, N), `OpenSet`), FAR thresholds per pair-quality band (`QualityBand`) and the
@@ -163,6 +165,26 @@ class QualityFloors(_Strict):
     rule: str = Field(description="How the floors were read off the hold-out's error-versus-quality curve.")
 
 
+class QualityCheck(_Strict):
+    """An error-versus-reject check of a quality source on the calibration hold-out (engines.calibration): FNMR at
+    FMR `fmr` (threshold set once on all pairs) after rejecting each fraction of the lowest-quality pairs."""
+
+    source: Literal["magnitude"] = Field(description="magnitude: ‖f‖ of a MagFace-trained model (the card's `magnitude`).")
+    fmr: float = Field(gt=0, lt=1)
+    reject: list[float] = Field(min_length=2, description="Fractions of the pairs rejected, lowest lower-quality first.")
+    fnmr: list[float] = Field(min_length=2, description="FNMR of the kept genuine pairs at each fraction.")
+    min_gain: float = Field(ge=0, lt=1, description="Relative FNMR drop at the largest fraction needed to use the source.")
+    genuine_pairs: int = Field(gt=0)
+    impostor_pairs: int = Field(gt=0)
+    used: bool = Field(description="Whether the card's quality comes from this source.")
+
+    @model_validator(mode="after")
+    def _curve(self) -> QualityCheck:
+        if len(self.reject) != len(self.fnmr):
+            raise ValueError(f"quality check: {len(self.reject)} reject fractions but {len(self.fnmr)} FNMR values")
+        return self
+
+
 class Calibration(_Strict):
     thresholds: dict[float, float] = Field(min_length=1, description="FAR -> cosine threshold; a pair matches when "
                                            "cos ≥ threshold. Usually FAR 1e-2, 1e-3 and 1e-4.")
@@ -174,6 +196,8 @@ class Calibration(_Strict):
     quality_bands: list[QualityBand] = Field(default_factory=list, description="FAR thresholds by the pair's lower "
                                              "quality, bands in order covering [0, 1] (card version 2).")
     floors: QualityFloors | None = Field(None, description="Quality floors (card version 2).")
+    quality_checks: list[QualityCheck] = Field(default_factory=list, description="Error-versus-reject checks of the "
+                                               "quality sources tried; the card's quality is null unless one was used.")
 
     @model_validator(mode="after")
     def _consistent(self) -> Calibration:
@@ -237,7 +261,8 @@ class ModelCard(_Strict):
     flip_tta: bool = Field(False, description="Add the mirrored face's embedding (engines.base.embed_aligned). "
                            "Magnitudes, quality and thresholds must have been measured the same way.")
     magnitude: Magnitude | None = Field(None, description="MagFace training range; null for non-MagFace models.")
-    quality: Quality | None = Field(None, description="Magnitude -> quality mapping; null when the model has none.")
+    quality: Quality | None = Field(None, description="Magnitude -> quality mapping, only where calibration validated "
+                                    "the source (calibration.quality_checks); null: the model has no quality.")
     calibration: Calibration | None = Field(None, description="Verification thresholds; null until measured.")
     training: TrainingInfo | None = Field(None, description="How the weights were trained; null for imported models.")
     accuracy: list[Accuracy] = Field(default_factory=list, description="Measured accuracy.")
@@ -252,6 +277,10 @@ class ModelCard(_Strict):
         c = self.calibration
         if self.card_version == 1 and c is not None and (c.open_set or c.quality_bands or c.floors):
             raise ValueError("calibration.open_set, quality_bands and floors need card_version 2")
+        if c is not None and self.quality is None and (c.quality_bands or c.floors):
+            raise ValueError("calibration.quality_bands and floors need a quality (the card's quality is null)")
+        if c is not None and c.quality_checks and self.quality is not None and not any(k.used for k in c.quality_checks):
+            raise ValueError("quality is set but no calibration.quality_checks entry validated a source: it must be null")
         return self
 
     @field_validator("version", mode="before")

@@ -19,6 +19,8 @@ from typing import Annotated
 import typer
 import yaml
 
+from service.model_calibrate import calibrate
+
 model_app = typer.Typer(no_args_is_help=True, help="Bring your own recognition model: import it with a check of "
                         "its input conventions, then calibrate, fuse and serve it (FACESET_MODEL_CARD).")
 
@@ -202,3 +204,6 @@ def _check(card, photos: Path, size: tuple[int, int], force: bool) -> None:
         raise _fail(f"{why}; no card written (state the conventions the model was trained with, or --force)")
     if why:
         typer.echo(f"warning: {why}; written anyway (--force)", err=True)
+
+
+model_app.command("calibrate")(calibrate)  # service/model_calibrate.py

@@ -12,23 +12,9 @@ from typing import Callable, Iterable, Mapping, Sequence
 import torch
 from torch.utils.data import Dataset
 
+from engines.holdout import IMAGE_EXTENSIONS, list_identities  # noqa: F401 (re-exported)
 from training.data import DATASETS
 from training.data.transforms import Preprocess
-
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".pgm", ".webp"})
-
-
-def list_identities(root: Path) -> dict[str, list[Path]]:
-    """identity name -> its sorted image paths, for every sub-folder of root holding an image."""
-    if not root.is_dir():
-        raise FileNotFoundError(f"dataset folder not found: {root}")
-    found: dict[str, list[Path]] = {}
-    for folder in sorted(p for p in root.iterdir() if p.is_dir()):
-        images = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
-        if images:
-            found[folder.name] = images
-    return found
-
 
 def select_identities(
     counts: Mapping[str, int],

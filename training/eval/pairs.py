@@ -23,10 +23,10 @@ from typing import NamedTuple, Sequence
 
 import numpy as np
 
+from engines.error_rates import allowed_false_accepts, threshold_at_far  # noqa: F401 (re-exported)
+
 # FARs at which verification reports TAR by default; which are resolvable depends on the impostor count.
 DEFAULT_FARS: tuple[float, ...] = (1e-4, 1e-3, 1e-2, 1e-1)
-# n·FAR is a float product; this keeps 1e-3·3000 from flooring to 2.
-_COUNT_EPS = 1e-9
 
 
 class Pair(NamedTuple):
@@ -224,30 +224,6 @@ def roc_curve(scores: np.ndarray, issame: np.ndarray) -> tuple[np.ndarray, np.nd
     tp, fp = np.cumsum(y)[last], np.cumsum(~y)[last]
     thresholds = np.concatenate([[np.nextafter(s[0], np.inf)], s[last]])
     return np.concatenate([[0.0], fp / n_imp]), np.concatenate([[0.0], tp / n_gen]), thresholds
-
-
-def allowed_false_accepts(n_impostors: int, far: float) -> int:
-    """k = ⌊FAR·n⌋: the most impostor pairs a threshold at this FAR may accept."""
-    return int(np.floor(far * n_impostors + _COUNT_EPS))
-
-
-def threshold_at_far(impostor_scores: np.ndarray, far: float) -> float:
-    """The lowest t with #{impostor s ≥ t} ≤ ⌊FAR·n⌋, i.e. the fraction of impostors accepted is ≤ FAR.
-
-    With impostor scores sorted descending s_1 ≥ … ≥ s_n and k = ⌊FAR·n⌋, t is the next float
-    above s_{k+1}: any lower t accepts s_{k+1} too. When k = 0 (fewer than 1/FAR impostors) t
-    lies just above the highest impostor: the empirical FAR is 0, stricter than asked; nothing
-    is interpolated beyond the data. When k ≥ n every pair is accepted (t = the lowest score).
-    """
-    imp = np.sort(np.asarray(impostor_scores, dtype=np.float64).ravel())[::-1]
-    if imp.size == 0:
-        raise ValueError("threshold_at_far needs at least one impostor score")
-    if not 0.0 <= far <= 1.0:
-        raise ValueError(f"far must be in [0, 1], got {far}")
-    k = allowed_false_accepts(imp.size, far)
-    if k >= imp.size:
-        return float(imp[-1])
-    return float(np.nextafter(imp[k], np.inf))
 
 
 @dataclass

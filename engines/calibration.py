@@ -1,0 +1,282 @@
+"""Calibrate a model card on held-out identities: verification thresholds at FARs, the open-set tail model, and
+a quality only where one is validated.
+
+Torch-free: photos go through the serving pipeline (engines' detector, alignment and the card's engine), or
+aligned crops straight to the engine (`aligned=True`). Every pair of faces is scored: same identity = genuine,
+other identities = impostor (all-vs-all). The threshold at FAR f is the lowest cosine accepting at most
+⌊f·impostors⌋ impostor pairs (engines.error_rates.threshold_at_far).
+
+Quality, honestly. A card reports quality only from a validated source: the magnitude ‖f‖ of a MagFace-trained
+model (the card's `magnitude` section says it was trained so). The source is checked on the same pairs by an
+error-versus-reject curve (engines.error_rates, threshold at FMR 1e-3 set once on all pairs, the operating point
+the floors use): FNMR with 0, 10 and 20 % of the lowest-quality pairs (by the pair's lower ‖f‖) rejected. It is
+used only when rejecting 20 % lowers FNMR by at least QUALITY_MIN_GAIN (relative), and the curve is recorded in
+the card either way (`Calibration.quality_checks`). Otherwise the card's `quality` is null: no quality bands,
+no floors, and the service reports `quality: null` and gates nothing on it.
+
+A validated card without a quality mapping gets one (magnitudes mapped linearly between their 1st and 99th
+percentiles on the same faces); a card that has one keeps it (unless `set_quality`): the mapping is part of the
+model, not of its calibration (stored gallery and template qualities, and the CAFace fusion model trained on it,
+depend on it).
+
+Card version 2 adds, from the same faces (ModelCard's OpenSet, QualityBand, QualityFloors):
+  open set   a generalised Pareto tail fitted to the impostor cosines above their (1 − zeta) quantile
+             gives FPIR(t, N) = 1 − (1 − P(s ≥ t))^N; it is checked against the measured best impostor
+             score of non-mated searches in galleries of N held-out identities (one photo each, drawn
+             at random; the largest N is every other identity).
+  bands      FAR thresholds per band of the pair's lower quality; the band edges are quantiles of the
+             impostor pairs' lower quality (so every band holds enough impostors for FAR 1e-4).
+  floors     genuine pairs binned by their lower quality (20 quantile bins); a bin errs when it fails the
+             FAR 1e-3 threshold more often than `ratio` × the median bin. A floor is the upper edge of
+             the run of erring bins from the bottom: ratio 1.25 for probes (errors clearly climb: the answer
+             is low_quality), 1.5 for enrolments (a refusal turns a person away, so only where errors are far
+             above typical; an identity is refused only when none of its photos reaches it).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from engines.base import build_engine, embed_aligned
+from engines.error_rates import error_versus_reject, threshold_at_far
+from engines.holdout import list_identities
+from engines.model_card import (Calibration, ModelCard, OpenSet, Quality, QualityBand, QualityCheck, QualityFloors,
+                                fpir_at, quality_from_magnitude, tail_threshold)
+
+DEFAULT_FARS = (1e-2, 1e-3, 1e-4)
+CHECK_FPIRS = (0.1, 0.03, 0.01, 0.003, 0.001)
+BAND_QUANTILES = (0.5, 0.8, 0.95)  # of the impostor pairs' lower quality
+FLOOR_RATIOS = (1.25, 1.5)  # probes, enrolments
+QUALITY_FMR = 1e-3
+QUALITY_REJECT = (0.0, 0.1, 0.2)
+# a source whose worst 20 % of pairs hold no more than their share of errors would turn faces away for nothing;
+# 10 % fewer errors is about three standard errors on a hold-out of ~2,000 genuine pairs at FNMR 0.3
+QUALITY_MIN_GAIN = 0.1
+
+
+# ---- embeddings of a hold-out tree ----------------------------------------------------------------------------------
+
+
+def embed_aligned_tree(card: ModelCard, root: Path, threads: int = 0, batch: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    """Raw embeddings (N, D) and integer identity labels (N,) of every aligned crop under root/<identity>/."""
+    engine = build_engine("onnxruntime", card=card, intra_op_threads=threads)
+    paths = [(p, label) for label, (_, ps) in enumerate(sorted(list_identities(root).items())) for p in ps]
+    out = [np.zeros((0, card.embedding_size), np.float32)]
+    for i in range(0, len(paths), batch):
+        faces = np.stack([np.asarray(Image.open(p).convert("RGB")) for p, _ in paths[i : i + batch]])
+        out.append(embed_aligned(engine, card, faces))
+    return np.concatenate(out), np.array([label for _, label in paths], dtype=np.int64)
+
+
+def embed_photo_tree(card: ModelCard, root: Path, threads: int = 0,
+                     detect_max_side: int = 1280) -> tuple[np.ndarray, np.ndarray, int]:
+    """(raw embeddings, labels, photos without a face) of the largest face of every photo under root/<identity>/,
+    through the serving pipeline (the shipped MTCNN, alignment to the card's template, the card's engine)."""
+    from engines.detection import build_detector
+    from engines.pipeline import FacePipeline
+
+    pipeline = FacePipeline(build_detector("mtcnn", intra_op_threads=threads),
+                            build_engine("onnxruntime", card=card, intra_op_threads=threads), card, detect_max_side)
+    emb, labels, missed = [], [], 0
+    for label, (_, paths) in enumerate(sorted(list_identities(root).items())):
+        for p in paths:
+            faces = pipeline.run([np.asarray(Image.open(p).convert("RGB"))], max_faces=1)[0]
+            if not faces:
+                missed += 1
+                continue
+            emb.append(faces[0].embedding * faces[0].magnitude)
+            labels.append(label)
+    emb = np.stack(emb) if emb else np.zeros((0, card.embedding_size), np.float32)
+    return emb, np.unique(labels, return_inverse=True)[1] if labels else np.zeros(0, np.int64), missed
+
+
+# ---- pairs ----------------------------------------------------------------------------------------------------------
+
+
+def pair_scores(emb: np.ndarray, labels: np.ndarray, quality: np.ndarray | None = None):
+    """(genuine, impostor) cosines over all unordered pairs; with `quality` (N,) also each pair's lower quality
+    as (genuine_q, impostor_q)."""
+    unit = emb / np.linalg.norm(emb, axis=1, keepdims=True)
+    sim = unit @ unit.T  # (N, N)
+    iu = np.triu_indices(len(emb), k=1)
+    same = labels[iu[0]] == labels[iu[1]]
+    s = sim[iu]
+    if quality is None:
+        return s[same], s[~same]
+    lower = np.minimum(quality[iu[0]], quality[iu[1]])
+    return s[same], s[~same], lower[same], lower[~same]
+
+
+# ---- quality: validated or none -------------------------------------------------------------------------------------
+
+
+def check_quality(source: str, genuine: np.ndarray, impostor: np.ndarray, gq: np.ndarray, iq: np.ndarray,
+                  fmr: float = QUALITY_FMR, reject=QUALITY_REJECT, min_gain: float = QUALITY_MIN_GAIN) -> QualityCheck:
+    """The error-versus-reject check of a per-face quality (pairs by their lower quality gq, iq): used when
+    rejecting the largest fraction lowers FNMR by at least `min_gain` of its value with nothing rejected."""
+    curve = error_versus_reject(np.concatenate([genuine, impostor]),
+                                np.concatenate([np.ones(genuine.size, bool), np.zeros(impostor.size, bool)]),
+                                np.concatenate([gq, iq]), fmr, np.asarray(reject, np.float64), fixed_threshold=True)
+    fnmr = [float(f) for f in curve.fnmr]
+    used = bool(fnmr[0] > 0 and fnmr[-1] <= (1 - min_gain) * fnmr[0])
+    return QualityCheck(source=source, fmr=fmr, reject=[float(r) for r in reject], fnmr=fnmr, min_gain=min_gain,
+                        genuine_pairs=int(genuine.size), impostor_pairs=int(impostor.size), used=used)
+
+
+def validated_quality(card: ModelCard, norms: np.ndarray, genuine: np.ndarray, impostor: np.ndarray,
+                      genuine_norm: np.ndarray, impostor_norm: np.ndarray,
+                      set_quality: bool = False) -> tuple[Quality | None, list[QualityCheck]]:
+    """(the card's quality mapping or None, the checks made), from the faces' magnitudes `norms` and the pairs'
+    lower magnitudes: only a MagFace-trained model's magnitude is a candidate (a plain model's norm was never
+    trained to mean anything); its mapping is the card's own unless there is none or `set_quality`."""
+    if card.magnitude is None:
+        return None, []
+    check = check_quality("magnitude", genuine, impostor, genuine_norm, impostor_norm)
+    if not check.used:
+        return None, [check]
+    if card.quality is not None and not set_quality:
+        return card.quality, [check]
+    low, high = np.percentile(norms, [1, 99])
+    return Quality(low=float(low), high=float(high)), [check]
+
+
+# ---- open set, bands, floors ----------------------------------------------------------------------------------------
+
+
+def fit_tail(impostor: np.ndarray, zeta: float = 0.01) -> tuple[float, float, float]:
+    """(u, xi, sigma): a generalised Pareto fit (maximum likelihood) to the impostor scores above their 1 − zeta quantile."""
+    from scipy import stats
+
+    u = float(np.quantile(impostor, 1 - zeta))
+    xi, _, sigma = stats.genpareto.fit(impostor[impostor > u] - u, floc=0)
+    return u, float(xi), float(sigma)
+
+
+def nonmated_maxima(unit: np.ndarray, labels: np.ndarray, n: int, reps: int, rng: np.random.Generator) -> np.ndarray:
+    """Best score of non-mated searches against galleries of n identities (one random photo each); every probe
+    whose identity is not in the gallery searches it. n ≥ identities − 1: each probe against all other identities."""
+    rows = [np.flatnonzero(labels == c) for c in range(labels.max() + 1)]
+    out = []
+    for _ in range(1 if n >= len(rows) - 1 else reps):
+        enrolled = np.array([rng.choice(r) for r in rows])
+        sim = unit @ unit[enrolled].T  # (P, C)
+        sim[np.arange(len(labels)), labels] = -np.inf  # a probe is never searched against itself
+        if n >= len(rows) - 1:
+            out.append(sim.max(1))
+            continue
+        gallery = rng.choice(len(rows), n, replace=False)
+        out.append(sim[~np.isin(labels, gallery)][:, gallery].max(1))
+    return np.concatenate(out)
+
+
+def calibrate_open_set(emb: np.ndarray, labels: np.ndarray, impostor: np.ndarray, seed: int = 0,
+                       sizes=(10, 30, 100, 300), reps: int = 10) -> OpenSet:
+    u, xi, sigma = fit_tail(impostor)
+    unit = emb / np.linalg.norm(emb, axis=1, keepdims=True)
+    rng = np.random.default_rng(seed)
+    sizes = [n for n in sizes if n < labels.max()] + [int(labels.max())]
+    candidate = OpenSet(u=u, zeta=0.01, xi=xi, sigma=sigma, fpir_range=[0.5, 0.5], gallery_sizes=sizes, max_ratio=1,
+                        probes=1, method="")
+    checked, ratios, probes = [], [], 0
+    for n in sizes:
+        maxima = nonmated_maxima(unit, labels, n, reps, rng)
+        probes = maxima.size
+        for f in CHECK_FPIRS:
+            if f * maxima.size < 2:  # fewer than two expected events: nothing to check against
+                continue
+            t = tail_threshold(candidate, f, n)
+            measured = float(np.mean(maxima >= t))
+            predicted = fpir_at(candidate, t, n)
+            ratios.append(max(measured / predicted, predicted / max(measured, 1 / maxima.size)))
+            checked.append(f)
+    return candidate.model_copy(update=dict(
+        fpir_range=[min(checked), max(checked)], max_ratio=float(max(ratios)), probes=int(probes),
+        method=f"GPD (maximum likelihood) over the {impostor.size} all-vs-all impostor cosines above their "
+               f"99th percentile; FPIR(t, N) = 1 - (1 - P(s >= t))^N checked against non-mated searches of "
+               f"hold-out galleries of N identities (one random photo each; {reps} draws below the largest N) "
+               f"at FPIR {', '.join(f'{f:g}' for f in CHECK_FPIRS)}"))
+
+
+def calibrate_bands(genuine, impostor, gq, iq, fars=DEFAULT_FARS) -> list[QualityBand]:
+    edges = [0.0, *(float(e) for e in np.quantile(iq, BAND_QUANTILES)), 1.0]
+    bands = []
+    for low, high in zip(edges[:-1], edges[1:]):
+        top = high >= 1.0
+        g = (gq >= low) & ((gq <= high) if top else (gq < high))
+        i = (iq >= low) & ((iq <= high) if top else (iq < high))
+        thresholds = {float(f): float(threshold_at_far(impostor[i], f)) for f in fars if f * i.sum() >= 10}
+        bands.append(QualityBand(low=low, high=high, thresholds=thresholds, positive_pairs=int(g.sum()),
+                                 negative_pairs=int(i.sum())))
+    return bands
+
+
+def calibrate_floors(genuine, gq, threshold: float, bins: int = 20, ratios=FLOOR_RATIOS) -> QualityFloors:
+    edges = np.quantile(gq, np.linspace(0, 1, bins + 1))
+    errors = np.array([np.mean(genuine[(gq >= lo) & (gq < hi)] < threshold) for lo, hi in zip(edges[:-1], edges[1:])])
+
+    def floor(ratio: float) -> float:
+        climbing = errors > ratio * np.median(errors)
+        k = int(np.argmin(climbing)) if not climbing.all() else bins  # erring bins from the bottom
+        return float(edges[k]) if k else 0.0
+
+    return QualityFloors(probe=floor(ratios[0]), enrolment=floor(ratios[1]), rule=(
+        f"genuine hold-out pairs in {bins} quantile bins of their lower quality; a floor is the upper edge of the "
+        f"bins, counted from the bottom, failing the FAR 1e-3 threshold more than ratio x the median bin's rate "
+        f"({np.median(errors):.3f}): ratio {ratios[0]} for probes, {ratios[1]} for enrolments (refused when no photo "
+        f"reaches it); rates from the bottom: {', '.join(f'{e:.3f}' for e in errors[:6])}"))
+
+
+# ---- the card -------------------------------------------------------------------------------------------------------
+
+
+def calibrate(card: ModelCard, emb: np.ndarray, labels: np.ndarray, dataset: str, fars=DEFAULT_FARS,
+              method: str = "aligned hold-out crops through the card's engine (flip TTA as the card says)",
+              set_quality: bool = False) -> ModelCard:
+    """The card with its calibration (and its quality: validated, else null) measured on raw embeddings (N, D) of
+    held-out identities `labels` (N,)."""
+    norms = np.linalg.norm(emb, axis=1)
+    genuine, impostor, genuine_norm, impostor_norm = pair_scores(emb, labels, norms)  # the pairs' lower ‖f‖
+    thresholds = {float(f): float(threshold_at_far(impostor, f)) for f in fars if f * impostor.size >= 1}
+    quality, checks = validated_quality(card, norms, genuine, impostor, genuine_norm, impostor_norm, set_quality)
+    bands, floors = [], None
+    if quality is not None:  # the mapping is monotone: a pair's lower quality is its lower magnitude's
+        mapped = card.model_copy(update=dict(quality=quality))
+        gq, iq = quality_from_magnitude(mapped, genuine_norm), quality_from_magnitude(mapped, impostor_norm)
+        bands, floors = calibrate_bands(genuine, impostor, gq, iq, fars), calibrate_floors(genuine, gq, thresholds[1e-3])
+    calibration = Calibration(
+        thresholds=thresholds,
+        dataset=dataset,
+        positive_pairs=int(genuine.size),
+        negative_pairs=int(impostor.size),
+        method=f"{method}; all-vs-all pairs; threshold = lowest cosine accepting at most floor(FAR x impostor pairs) "
+               "impostors; quality check, bands, floors and the open-set tail: engines/calibration.py",
+        open_set=calibrate_open_set(emb, labels, impostor),
+        quality_checks=checks,
+        quality_bands=bands,
+        floors=floors,
+    )
+    # quality and calibration change together (the card refuses bands without a quality): one copy, validated whole
+    out = card.model_copy(update=dict(card_version=2, quality=quality, calibration=calibration))
+    ModelCard.model_validate(out.model_dump())
+    return out
+
+
+def calibrate_folder(card_path: Path, holdout: Path, dataset: str, aligned: bool = False, threads: int = 0,
+                     set_quality: bool = False) -> ModelCard:
+    """Calibrate the card at `card_path` on a folder per held-out identity (raw photos through the pipeline, or
+    aligned crops) and rewrite it atomically."""
+    card = ModelCard.load(card_path)
+    if aligned:
+        emb, labels = embed_aligned_tree(card, holdout, threads)
+        method = "aligned hold-out crops through the card's engine (flip TTA as the card says)"
+    else:
+        emb, labels, missed = embed_photo_tree(card, holdout, threads)
+        method = (f"raw hold-out photos through the serving pipeline (MTCNN, alignment, the card's engine, flip TTA "
+                  f"as the card says), the largest face of each ({missed} photos without a face left out)")
+    if len(np.unique(labels)) < 3:
+        raise ValueError(f"{holdout}: calibration needs faces of at least 3 identities, found {len(np.unique(labels))}")
+    card = calibrate(card, emb, labels, dataset, method=method, set_quality=set_quality)
+    card.save(card_path)
+    return card
