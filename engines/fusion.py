@@ -92,8 +92,9 @@ class FusionQuality(_Strict):
     method: Literal["frame_quality_evidence"] = Field(
         "frame_quality_evidence", description="q = 1 − exp(−Σ_i r_i / evidence_frames), r_i the per-frame quality "
         "(stored style entry frame_quality_index), summed in the memory as Σ_m T_m[frame_quality_index].")
-    low: float = Field(description="The recognition card's quality.low: magnitudes enter the network as (‖f‖ − low)/(high − low).")
-    high: float = Field(description="The recognition card's quality.high.")
+    low: float = Field(description="Magnitudes enter the network as (‖f‖ − low)/(high − low): the recognition card's "
+                       "quality.low, or for a card without quality the training features' 1st percentile.")
+    high: float = Field(description="The recognition card's quality.high, or the features' 99th percentile.")
     evidence_frames: float = Field(gt=0, description="τ: frames of quality 1 that bring q to 1 − 1/e.")
     frame_quality_range: list[float] = Field(min_length=2, max_length=2, description="(a, b): r_i is trained towards "
                                              "clip((cos(f̂_i, centre of the person's other photos) − a)/(b − a), 0, 1).")

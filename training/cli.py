@@ -368,3 +368,59 @@ def _subset(value: str) -> tuple[Path, Path]:
     if not colon:
         raise typer.BadParameter(f"{value!r} is not FEATURES.npz:IDENTITIES.txt", param_hint="--subset")
     return Path(features), Path(identities)
+
+
+# ---------------------------------------------------------------- faceset model (fusion for any model)
+
+# joins the base install's `faceset model` group through the faceset.model entry points (training/pyproject.toml)
+model_fuse_app = typer.Typer()
+
+
+def _taps(value: str | None) -> list[str] | None:
+    return [t.strip() for t in value.split(",") if t.strip()] if value else None
+
+
+Taps = Annotated[str | None, typer.Option(help="tensors to tap, comma-separated (name1,name2); default: the last "
+                                                "feature map of each resolution, up to 5 (engines.style_taps)")]
+
+
+@model_fuse_app.command("style")
+def model_style(
+    model: Annotated[Path, typer.Argument(help="model card folder; its ONNX is copied, never changed")],
+    taps: Taps = None,
+    out: Annotated[Path | None, typer.Option(help="folder for the copy and its card (default: the card's own)")] = None,
+) -> None:
+    """Give a recognition model the CAFace style output: its intermediate maps tapped in a copy of its ONNX."""
+    from engines.model_card import ModelCard
+    from engines.style_taps import add_style_taps
+
+    card = add_style_taps(ModelCard.load(model), out, _taps(taps))
+    typer.echo(f"wrote {card.onnx_path}: style channels {card.outputs.style_channels}")
+
+
+@model_fuse_app.command("fuse")
+def model_fuse(
+    ctx: typer.Context,
+    model: Annotated[Path, typer.Argument(help="model card folder (e.g. from faceset model import)")],
+    data: Annotated[Path, typer.Option(help="raw photos, a folder per person, to train the fusion on")],
+    out: Annotated[Path | None, typer.Option(help="fusion model folder to write (default MODEL/fusion)")] = None,
+    work: Annotated[Path | None, typer.Option(help="aligned crops, features and checkpoints (default FACESET_RUNS_DIR/fuse-NAME); reruns resume from them")] = None,
+    taps: Taps = None,
+    steps: Annotated[int, typer.Option(help="training steps (the default model's fusion: 3000)")] = 3000,
+    batch_sets: Annotated[int, typer.Option(help="sets per step")] = 64,
+    eval_every: Annotated[int, typer.Option(help="every N-th identity with 2+ photos is kept out, for validation")] = 8,
+    licence: Annotated[str | None, typer.Option(help="terms of the fusion model (default: not stated, the model's and data's apply)")] = None,
+    threads: Threads = 1,
+) -> None:
+    """Train and export the CAFace fusion model for a recognition model (the default model's trainer)."""
+    import os
+
+    from engines.model_card import ModelCard
+    from training.caface.fuse import fuse
+    from training.settings import get_settings
+
+    _log()
+    work = work or get_settings().runs_dir / f"fuse-{ModelCard.load(model).name}"
+    card = fuse(model, data, work, out, _taps(taps), steps, batch_sets, eval_every, licence,
+                threads or os.cpu_count() or 1, _retyped(ctx))
+    typer.echo(f"wrote {out or model / 'fusion'}: {card.name}, parity {card.parity}")

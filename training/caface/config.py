@@ -22,11 +22,12 @@ class _Strict(BaseModel):
 
 class FeatureFiles(_Strict):
     train: str = Field(description="features .npz of the training tree (training.caface.features), under runs_dir.")
-    holdout: str = Field(description="features .npz of the calibration hold-out (never trained on), under runs_dir.")
+    holdout: str | None = Field(None, description="features .npz of the calibration hold-out (never trained on), "
+                                "under runs_dir; read by evaluation only (null: none, e.g. faceset model fuse).")
     eval_every: int = Field(8, gt=1, description="every k-th multi-image CelebA-299 identity of the training tree is "
                             "kept out of fusion training, for evaluation with larger templates.")
     eval_protected: str | None = Field("celeba-299-dlib150", description="aligned folder (under the aligned dir) whose "
-                                       "identities are the candidates for that; null: all identities.")
+                                       "identities are the candidates for that; null: every identity with 2+ images.")
 
 
 class SetConfig(_Strict):
@@ -47,6 +48,9 @@ class CAFaceConfig(_Strict):
     name: str
     recognition_card: str = Field("models/default", description="the frozen recognition model's card (its quality "
                                   "range normalises magnitudes; its name, version and sha256 go into the fusion card).")
+    magnitude_range: tuple[float, float] | None = Field(None, description="(low, high): magnitudes enter the network "
+                                                        "as (‖f‖ − low)/(high − low); null: the recognition card's "
+                                                        "quality range (a card without one needs it set).")
     features: FeatureFiles
     arch: FusionArch = Field(default_factory=FusionArch)
     sets: SetConfig = Field(default_factory=SetConfig)

@@ -36,7 +36,7 @@ from engines.fusion import (
 from engines.model_card import ModelCard
 from training.caface.model import CAFace, FusionArch
 from training.checkpoint import load_state
-from training.export import OPSET, ParityError, export_traced, staged_files
+from training.export import OPSET, ParityError, deep_merge, export_traced, staged_files
 
 PARITY_MAX_ABS = 1e-4
 PARITY_MIN_COSINE = 0.99999
@@ -80,6 +80,7 @@ def parity_frames(arch: FusionArch, features: Path | None, count: int = PARITY_F
     if features is not None:
         d = np.load(features)
         emb, style = d["embedding"], d["style"]  # (N, V, D), (N, V, S)
+        count = min(count, emb.shape[0] * emb.shape[1])  # a small training set (faceset model fuse) has fewer
         rows = np.random.default_rng(0).choice(emb.shape[0] * emb.shape[1], size=count, replace=False)
         return (emb.reshape(-1, emb.shape[-1])[rows], style.reshape(-1, style.shape[-1])[rows],
                 f"{count} real frames (clean and degraded) from {features.name}")
@@ -156,15 +157,18 @@ def card_data(ck: dict, recognition: ModelCard, name: str, version: str, command
 
 
 def export_fusion(checkpoint: str | Path, out_dir: str | Path, recognition_card: str | Path, name: str = "faceset-caface",
-                  version: str = "1", parity_features: Path | None = None, command: str | None = None) -> FusionCard:
-    """caface.pt -> out_dir/{assign,aggregate}.onnx + card.yaml after parity; returns the card."""
+                  version: str = "1", parity_features: Path | None = None, command: str | None = None,
+                  card_overrides: dict | None = None) -> FusionCard:
+    """caface.pt -> out_dir/{assign,aggregate}.onnx + card.yaml after parity; returns the card.
+
+    card_overrides: nested card fields replacing card_data's (training, licence … of a fusion trained on other data)."""
     checkpoint, out_dir = Path(checkpoint), Path(out_dir)
     model, ck = load_fusion(checkpoint)
     recognition = ModelCard.load(recognition_card)
     if recognition.files.onnx.sha256 != ck["recognition"]["sha256"]:
         raise ValueError(f"{checkpoint} was trained on {ck['recognition']}, not on {recognition.name} "
                          f"{recognition.version} ({recognition.files.onnx.sha256})")
-    data = card_data(ck, recognition, name, version, command, checkpoint)
+    data = deep_merge(card_data(ck, recognition, name, version, command, checkpoint), card_overrides or {})
     arch = model.arch
     graphs = ("assign", "aggregate")
     with staged_files(out_dir, [f"{key}.onnx" for key in graphs]) as tmps:

@@ -47,19 +47,32 @@ def resolve(path: str, base: Path) -> Path:
 
 def training_split(cfg: CAFaceConfig, features: Features) -> tuple[Features, Features]:
     """(fusion training identities, fusion evaluation identities) of the training tree's features."""
-    protected = None
     if cfg.features.eval_protected:
         folder = get_settings().aligned_dir / cfg.features.eval_protected
         protected = {p.name for p in folder.iterdir() if p.is_dir() and len(list(p.iterdir())) >= 2}
+    else:  # an identity with one image makes no evaluation set
+        counts = np.bincount(features.labels, minlength=len(features.identities))
+        protected = {str(name) for name, n in zip(features.identities, counts) if n >= 2}
     held = split_identities(features.identities, cfg.features.eval_every, protected)
     return features.subset(~held), features.subset(held)
 
 
-def build_model(cfg: CAFaceConfig, card: ModelCard, train: Features) -> CAFace:
+def magnitude_range(cfg: CAFaceConfig, card: ModelCard) -> tuple[float, float]:
+    """(low, high) normalising magnitudes: the config's, else the recognition card's quality range."""
+    if cfg.magnitude_range is not None:
+        return cfg.magnitude_range
     if card.quality is None:
-        raise ValueError(f"{card.name}: the fusion network needs the card's quality range (magnitudes)")
+        raise ValueError(f"{card.name}: the card has no quality range to normalise magnitudes; set magnitude_range")
+    return card.quality.low, card.quality.high
+
+
+def build_model(cfg: CAFaceConfig, card: ModelCard, train: Features) -> CAFace:
+    sizes = train.embedding.shape[-1], train.style.shape[-1]
+    if sizes != (cfg.arch.embedding_size, cfg.arch.style_size):
+        raise ValueError(f"the features have embeddings of {sizes[0]} and style of {sizes[1]}; the config's arch "
+                         f"says {cfg.arch.embedding_size} and {cfg.arch.style_size}")
     torch.manual_seed(cfg.seed)
-    model = CAFace(cfg.arch, card.quality.low, card.quality.high)
+    model = CAFace(cfg.arch, *magnitude_range(cfg, card))
     style = train.style.reshape(-1, train.style.shape[-1]).astype(np.float64)  # (N·V, S)
     model.set_style_normalisation(torch.from_numpy(style.mean(0)).float(), torch.from_numpy(style.std(0)).float())
     return model
@@ -155,7 +168,7 @@ def train(cfg: CAFaceConfig, run_dir: Path | None = None) -> Path:
     metrics.close()
     out = run_dir / "caface.pt"
     atomic_torch_save({"state_dict": model.state_dict(), "arch": cfg.arch.model_dump(),
-                       "quality_range": [card.quality.low, card.quality.high], "config": cfg.model_dump(),
+                       "quality_range": list(magnitude_range(cfg, card)), "config": cfg.model_dump(),
                        "recognition": {"name": card.name, "version": card.version, "sha256": card.files.onnx.sha256},
                        "features_model": train_set.model, "step": step,
                        "training_identities": len(train_set.identities)}, out)
