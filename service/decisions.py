@@ -1,6 +1,10 @@
 """Decisions from the model card's calibration: 1:N thresholds by FPIR at the gallery's size, quality floors,
 and /verify thresholds by the pair's quality band (`engines.model_card` holds the calibrated numbers).
 
+A model without a validated quality (the card's `quality` is null: engines.calibration found no source whose
+rejection of the worst faces lowers errors) gates nothing on quality: no probe floor (no low_quality decisions),
+no enrolment floor, one /verify threshold, and a caller's quality floor is refused (`quality_gate`).
+
 A search decides by FPIR (the share of people not enrolled who would be identified as someone) unless the
 caller names a FAR (a 1:1 threshold); with neither, the service's default FPIR where the card has the
 open-set calibration (card version 2), else its default FAR (version 1 cards).
@@ -67,3 +71,11 @@ def check_enrolment(card: ModelCard, qualities: list[float | None], force: bool)
         return
     raise LowQuality(f"the best photo's quality {max(known):.3f} is below the enrolment floor {floors.enrolment:.3f} "
                      "(the model card's calibration); send a sharper photo, or force=true to enrol it anyway")
+
+
+def quality_gate(card: ModelCard, parameter: str) -> None:
+    """A 422 naming `parameter` where the caller asks for a quality floor the model cannot apply."""
+    if card.quality is None:
+        raise InvalidInput(f"{parameter}: quality gating is off for model {card.name!r} (its card has no validated "
+                           "quality: calibration found none whose rejection of the worst faces lowers errors), so no "
+                           f"face can be gated on it; leave {parameter} out")

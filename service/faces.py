@@ -18,7 +18,7 @@ from engines.batcher import DynamicBatcher
 from engines.detection import Detection
 from engines.model_card import ModelCardError, resolve_far, threshold_at
 from engines.pipeline import Face, FacePipeline
-from service.decisions import far_threshold
+from service.decisions import far_threshold, quality_gate
 from service.errors import InvalidInput, NoFace
 from service.images import decode
 from service.metrics import Metrics
@@ -64,7 +64,10 @@ class FaceService:
 
     # ---- /embed ------------------------------------------------------------------------
     async def embed_images(self, images: list[bytes], options: EmbedOptions) -> list[list[StyledFace]]:
-        """Faces of every image, largest first, each list cut to options.max_faces."""
+        """Faces of every image, largest first, each list cut to options.max_faces (and, where the model has a
+        validated quality, above options.min_quality; a floor it cannot apply is a 422)."""
+        if options.min_quality > 0:
+            quality_gate(self.card, "min_quality")
         labels = ["image"] if len(images) == 1 else [f"images[{i}]" for i in range(len(images))]
         found = await asyncio.gather(*(run_in_threadpool(self.detect_align, data, label, options)
                                        for data, label in zip(images, labels)))
@@ -75,7 +78,7 @@ class FaceService:
             faces.append([StyledFace(f, None if style is None else style[i + k]) for k, f in enumerate(fs)])
             i += len(fs)
         if options.min_quality > 0:
-            faces = [[f for f in fs if f.face.quality is None or f.face.quality >= options.min_quality] for fs in faces]
+            faces = [[f for f in fs if f.face.quality >= options.min_quality] for fs in faces]
         self.metrics.observe_faces(f.face.quality for fs in faces for f in fs)
         return faces
 

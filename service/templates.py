@@ -17,6 +17,7 @@ from starlette.concurrency import run_in_threadpool
 
 from engines.fusion import FrameContribution, FusedTemplate, FusionModel
 from engines.model_card import quality_from_magnitude
+from service.decisions import quality_gate
 from service.errors import InvalidInput, NotFound, ServiceError
 from service.faces import EmbedOptions, FaceService
 from service.inputs import Frame
@@ -82,13 +83,19 @@ class TemplateService:
             raise ValueError(f"fusion model {fusion.card.name} {fusion.card.version} was trained on {rec.name} "
                              f"{rec.version}, not on the served {self.card.name} {self.card.version}")
 
-    async def add_frames(self, template_id: str, frames: list[Frame], min_quality: float) -> FramesOutcome:
+    async def add_frames(self, template_id: str, frames: list[Frame], min_quality: float | None,
+                         default_min_quality: float = 0.0) -> FramesOutcome:
+        """Frames below `min_quality` (the caller's, else the service's default) are rejected as low_quality; a
+        model without a validated quality applies no floor and refuses (422) one the caller sets."""
         check_id(template_id)
+        if min_quality:
+            quality_gate(self.card, "min_quality")
+        floor = (default_min_quality if min_quality is None else min_quality) if self.card.quality else 0.0
         rejected: list[Rejection] = []
         raw, style, kept = await self._embed(frames, rejected)
-        quality = quality_from_magnitude(self.card, np.linalg.norm(raw, axis=1)) if len(raw) else np.zeros(0)
-        good = [i for i in range(len(kept)) if quality[i] >= min_quality]
-        rejected += [Rejection(kept[i].index, "low_quality") for i in range(len(kept)) if quality[i] < min_quality]
+        quality = quality_from_magnitude(self.card, np.linalg.norm(raw, axis=1)) if floor else np.ones(len(raw))
+        good = [i for i in range(len(kept)) if quality[i] >= floor]
+        rejected += [Rejection(kept[i].index, "low_quality") for i in range(len(kept)) if quality[i] < floor]
         kept = [kept[i] for i in good]
         if kept:
             deltas = checked_deltas(self.fusion, self.fusion.assign(raw[good], style[good]), kept)

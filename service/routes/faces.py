@@ -37,7 +37,8 @@ async def embed(
     request: Annotated[EmbedRequest, Depends(EMBED)], faces: Faces, settings: AppSettings,
     max_faces: Annotated[int | None, Query(ge=1, description="Most faces per image, largest first")] = None,
     min_face_size: Annotated[float | None, Query(ge=0, description="Smallest face side in pixels")] = None,
-    min_quality: Annotated[float, Query(ge=0, le=1, description="Leave out faces of lower quality")] = 0.0,
+    min_quality: Annotated[float, Query(ge=0, le=1, description="Leave out faces of lower quality (422 for a "
+                                                        "model whose card has no validated quality)")] = 0.0,
     include_style: Annotated[bool, Query(description="Add each face's CAFace style statistics (to send frames "
                                                      "as embeddings to /templates)")] = False,
 ) -> EmbedResponse:

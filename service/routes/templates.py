@@ -31,10 +31,10 @@ FRAMES = RequestBody(FramesRequest, files={"images": True}, text={"frame_ids": "
 async def add_frames(
     template_id: TemplateId, templates: Templates, request: Annotated[FramesRequest, Depends(FRAMES)],
     settings: AppSettings,
-    min_quality: Annotated[float | None, Query(ge=0, le=1, description="Quality floor (default: the service's)")] = None,
+    min_quality: Annotated[float | None, Query(ge=0, le=1, description="Quality floor (default: the service's); "
+                                               "422 for a model whose card has no validated quality")] = None,
 ) -> FramesResponse:
-    floor = settings.template_min_quality if min_quality is None else min_quality
-    out = await templates.add_frames(template_id, frames(request), floor)
+    out = await templates.add_frames(template_id, frames(request), min_quality, settings.template_min_quality)
     return FramesResponse(id=out.template_id, frames=out.frames, accepted=out.accepted, quality=out.quality,
                           rejected=[RejectedFrame(index=r.index, reason=r.reason) for r in out.rejected])
 

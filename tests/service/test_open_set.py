@@ -147,3 +147,45 @@ def test_version_1_card_serves_far_only(tmp_path, redis_available, people):
             assert v["band"] is None and v["threshold"] == data["calibration"]["thresholds"][settings.default_far]
     finally:
         drop_keys(settings)
+
+
+@pytest.fixture(scope="module")
+def no_quality(tmp_path_factory, redis_available):
+    """The default model under a card without a validated quality, as calibration leaves a model whose quality
+    check fails: quality null, no bands, no floors (its ONNX a link to the shipped one)."""
+    source = Path(__file__).resolve().parents[2] / "models" / "default"
+    folder = tmp_path_factory.mktemp("no-quality")
+    data = yaml.safe_load((source / "card.yaml").read_text())
+    data["quality"], data["calibration"]["quality_bands"], data["calibration"]["floors"] = None, [], None
+    (folder / data["files"]["onnx"]["path"]).symlink_to(source / data["files"]["onnx"]["path"])
+    (folder / "card.yaml").write_text(yaml.safe_dump(data))
+    settings = make_settings(model_card=folder)
+    with TestClient(create_app(settings)) as c:
+        yield c, settings
+    drop_keys(settings)
+
+
+def test_without_a_validated_quality_nothing_is_gated_on_it(client, no_quality, people):
+    """quality null on /embed and in searches; a probe the default card answers low_quality is decided on its
+    score; an enrolment below the default card's floor is taken; a caller's quality floor is a clear 422."""
+    plain, settings = no_quality
+    g = gallery_header(settings, "no-quality")
+    floors = client.app.state.faces.card.calibration.floors
+    poor = _poorest(client, people[0][4:])
+    assert _quality(client, poor) < floors.probe  # the default card answers it low_quality
+    (face,) = plain.post("/embed", files=[("images", poor)]).json()["results"][0]["faces"]
+    assert face["quality"] is None and face["magnitude"] > 0
+    weakest = min(people[4], key=lambda p: _quality(client, p))
+    assert _quality(client, weakest) < floors.enrolment  # the default card refuses it without force
+    for k, photos in ((0, people[0][:4]), (4, [weakest])):
+        assert plain.post(f"/gallery/p{k}", files=[("images", p) for p in photos], headers=g).status_code == 200
+    results = plain.post("/gallery/search", files=[("images", p) for p in (poor, people[5][0])],
+                         headers=g).json()["results"]
+    assert results[0]["decision"] in ("identified", "unknown") and results[1]["decision"] == "unknown"
+    assert all(r["quality"] is None for r in results)
+    for refused in (plain.post("/embed", files=[("images", poor)], params={"min_quality": 0.3}),
+                    plain.post(f"/templates/{g['X-Gallery']}/frames", files=[("images", poor)],
+                               params={"min_quality": 0.3})):
+        assert refused.status_code == 422 and "quality gating is off" in refused.json()["error"]["message"]
+    fused = plain.post(f"/templates/{g['X-Gallery']}/frames", files=[("images", p) for p in (poor, *people[0][:2])])
+    assert fused.status_code == 200 and fused.json()["accepted"] == 3 and 0 < fused.json()["quality"] <= 1  # CAFace's own

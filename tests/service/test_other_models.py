@@ -52,6 +52,8 @@ def test_what_the_card_lacks_is_a_clear_answer(tiny_client):
     buf = io.BytesIO()
     Image.new("RGB", (64, 64)).save(buf, format="PNG")
     assert tiny_client.post("/embed", files=[("images", buf.getvalue())]).json()["results"] == [{"faces": []}]
+    gated = tiny_client.post("/embed", params={"min_quality": 0.5}, files=[("images", buf.getvalue())])
+    assert gated.status_code == 422 and "quality gating is off for model 'tiny'" in gated.json()["error"]["message"]
     assert tiny_client.get("/readyz").status_code == 200
 
 
