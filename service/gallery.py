@@ -80,6 +80,7 @@ class SearchResult:
     fpir: float | None
     gallery_size: int
     quality: float | None
+    probe_floor: float | None  # None: quality gating is off for this model
 
 
 class GalleryService:
@@ -280,7 +281,8 @@ class GalleryService:
         for q, quality in zip(queries, qualities or [None] * len(queries)):
             matches = next(found) if q is not None else []
             decision, identified = decide(rule, matches, quality)
-            results.append(SearchResult(matches, identified, rule.threshold, decision, rule.fpir, n, quality))
+            results.append(SearchResult(matches, identified, rule.threshold, decision, rule.fpir, n, quality,
+                                        rule.probe_floor))
         return results
 
     async def without_vetoed(self, gallery: str, probes: list[np.ndarray],

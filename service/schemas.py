@@ -319,6 +319,8 @@ class SearchResultOut(BaseModel):
     fpir: float | None = Field(description="The threshold's FPIR at this gallery size (null: no open-set calibration)")
     gallery_size: int = Field(description="Identities searched")
     quality: float | None = Field(description="The probe face's quality (null for an embedding query)")
+    probe_floor: float | None = Field(description="The card's probe quality floor (low_quality below it); null: "
+                                      "quality gating is off for this model (no validated quality, or a card without floors)")
 
 
 class SearchResponse(BaseModel):

@@ -108,7 +108,8 @@ def test_bad_gallery_requests(client, settings, people):
     threshold_at_far = client.app.state.faces.card.calibration.thresholds[1e-3]
     assert face_none | {"fpir": None, "gallery_size": None} == {"matches": [], "identified": None, "threshold": threshold_at_far,
                                                                "decision": "unknown", "fpir": None, "gallery_size": None,
-                                                               "quality": None}
+                                                               "quality": None,
+                                                               "probe_floor": client.app.state.faces.card.calibration.floors.probe}
 
 
 def test_replicas_follow_each_other_through_redis(settings, people, client):

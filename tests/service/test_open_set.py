@@ -84,6 +84,7 @@ def test_stranger_is_unknown_and_a_poor_probe_is_low_quality(client, settings, p
     assert [r["decision"] for r in results] == ["unknown", "identified", "low_quality"]
     assert [r["identified"] for r in results] == [None, "p0", None]
     assert results[2]["matches"] and results[2]["quality"] < floor  # matches still listed
+    assert {r["probe_floor"] for r in results} == {floor}
 
 
 def test_enrolment_below_the_floor_needs_force(client, settings, people):
@@ -182,7 +183,7 @@ def test_without_a_validated_quality_nothing_is_gated_on_it(client, no_quality, 
     results = plain.post("/gallery/search", files=[("images", p) for p in (poor, people[5][0])],
                          headers=g).json()["results"]
     assert results[0]["decision"] in ("identified", "unknown") and results[1]["decision"] == "unknown"
-    assert all(r["quality"] is None for r in results)
+    assert all(r["quality"] is None and r["probe_floor"] is None for r in results)  # quality gating is off
     for refused in (plain.post("/embed", files=[("images", poor)], params={"min_quality": 0.3}),
                     plain.post(f"/templates/{g['X-Gallery']}/frames", files=[("images", poor)],
                                params={"min_quality": 0.3})):
