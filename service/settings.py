@@ -38,7 +38,8 @@ class Settings(BaseSettings):
     template_min_quality: float = Field(
         default=0.0, ge=0, le=1,
         description="Quality floor of a template frame when the request sets none; frames below it are reported "
-                    "as rejected (CAFace already down-weights poor frames; a floor keeps junk out entirely).")
+                    "as rejected (CAFace already down-weights poor frames; a floor keeps junk out entirely). Not "
+                    "applied for a model whose card has no validated quality.")
     template_id_window: int = Field(
         default=4096, ge=0,
         description="Most recent frame ids a template remembers to refuse retried frames (Redis memory per "
