@@ -17,7 +17,7 @@ from engines.base import build_engine
 from engines.detection import build_detector
 from engines.model_card import Accuracy, ModelCard, atomic_write_bytes
 from engines.pipeline import FacePipeline
-from training.eval.pairs import kfold_accuracy, read_pairs, tar_at_far
+from training.eval.pairs import Pair, kfold_accuracy, read_pairs, tar_at_far
 from training.eval.quality import error_versus_reject, pair_quality
 
 
@@ -36,7 +36,11 @@ def load_pipeline(card_path: Path, runtime: str = "onnxruntime", threads: int = 
 
 
 def score_pairs(pipeline: FacePipeline, pairs_file: Path, images_dir: Path, batch: int = 32) -> PipelinePairs:
-    pairs = read_pairs(pairs_file, images_dir)
+    return score_pair_list(pipeline, read_pairs(pairs_file, images_dir), batch)
+
+
+def score_pair_list(pipeline: FacePipeline, pairs: list[Pair], batch: int = 32) -> PipelinePairs:
+    """Cosine scores of pairs of photos (training.eval.pairs.Pair), each photo detected and embedded once."""
     unique = sorted({p for pair in pairs for p in (pair.path_a, pair.path_b)})
     emb: dict[Path, np.ndarray] = {}
     for i in range(0, len(unique), batch):

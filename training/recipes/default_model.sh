@@ -33,11 +33,14 @@ faceset data split "$ALIGNED/celeba-299-dlib150" "$ALIGNED/celeba-10k-dlib150" \
 # 4. fine-tune with MagFace (training/configs/celeba-dlib-magface.yaml)
 faceset train celeba-dlib-magface
 
-# 5. export with a parity check (embedding and the CAFace "style" output), calibrate on the hold-out,
-#    evaluate through the pipeline. (Version 1.1 was made without retraining, from version 1's ONNX:
+# 5. import like any model a user brings: export with a parity check (embedding and the CAFace "style"
+#    output) and the convention check on raw photos of 10 people (CelebA-299, which the model trained on:
+#    the check compares input conventions, not accuracy); then calibrate on the hold-out and evaluate
+#    through the pipeline. (Version 1.1 was made without retraining, from version 1's ONNX:
 #    faceset add-style-output, see its docstring.)
-faceset export "$RUNS/celeba-dlib-magface/backbone.pt" --out "$OUT" --name faceset-dlib-magface --version 1.1 \
+faceset model import "$RUNS/celeba-dlib-magface/backbone.pt" --out "$OUT" --name faceset-dlib-magface --version 1.1 \
   --template dlib_150 --parity-dir "$ALIGNED/lfw-dev-dlib150" --licence "CC0-1.0 base weights (dlib); fine-tuned on CelebA: non-commercial research only" \
-  --data-licence "CelebA: non-commercial research only" --card training/recipes/default_model_card.yaml --style
+  --data-licence "CelebA: non-commercial research only" --card training/recipes/default_model_card.yaml --style \
+  --check-with "$DATA/celeba-299"
 faceset calibrate "$OUT" --holdout "$ALIGNED/celeba-calib-dlib150" --dataset "CelebA-10k hold-out identities (aligned by our MTCNN)"
 faceset eval "$OUT" --out "$OUT/eval" --record
