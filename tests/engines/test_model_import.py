@@ -140,9 +140,9 @@ def test_candidates_and_the_refusal_rule():
     def table(*d_primes):
         return [Separation(c, d, 0.9, 30, 160) for c, d in zip(rows, d_primes)]
 
-    just_within = 3.0 * (1 + REFUSE_MARGIN) - 1e-6
+    just_within, beyond = 3.0 * (1 + REFUSE_MARGIN) - 1e-6, 3.0 * (1 + REFUSE_MARGIN) + 0.01
     assert refusal(table(3.0, just_within, 2.0, 1.0, 2.9, 1.0, 5.0)) is None  # the flip row never refuses
-    why = refusal(table(3.0, 3.0 * (1 + REFUSE_MARGIN) + 0.01, 2.0, 1.0, 2.9, 1.0, 3.0))
+    why = refusal(table(3.0, beyond, 2.0, 1.0, 2.9, 1.0, 3.0))
     assert why and "RGB 127.5/127.5" in why and "BGR 127.5/128" in why
 
 
@@ -242,6 +242,22 @@ def test_a_faceset_checkpoint_imports_through_faceset_train(tiny_model, check_pe
     assert (card.name, card.version, card.licence) == ("tiny", "2", NOT_STATED)
     assert card.parity.min_cosine >= 0.9999 and card.provenance.source_sha256 == sha256_file(backbone)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny"]  # the staging folder is gone
+
+
+def test_an_official_magface_checkpoint_imports_with_its_arch_read_off_the_keys(tmp_path):
+    torch = pytest.importorskip("torch")  # faceset-train's dependency, installed with the dev tools
+    from training.models import build_backbone
+
+    torch.manual_seed(0)
+    # MagFace's trainer's layout: the backbone under `features.module.`, its classifier beside it, all in state_dict
+    state = {f"features.module.{k}": v for k, v in build_backbone("iresnet18", embedding_size=32).state_dict().items()}
+    torch.save({"epoch": 25, "state_dict": {**state, "fc.weight": torch.randn(10, 32)}}, tmp_path / "magface.pth")
+    result = faceset(tmp_path / "magface.pth", "--out", tmp_path / "mag", "--licence", "MS1MV2: research only")
+    assert result.exit_code == 0, result.output
+    card = ModelCard.load(tmp_path / "mag")
+    assert (card.architecture, card.embedding_size, card.licence) == ("iresnet18", 32, "MS1MV2: research only")
+    assert (card.input.channel_order, card.input.mean, card.input.std) == ("BGR", [0.0] * 3, [255.0] * 3)
+    assert card.magnitude is not None and card.name == "magface"
 
 
 def test_a_checkpoint_without_faceset_train_says_what_to_install(tiny_model, monkeypatch, tmp_path):
