@@ -28,12 +28,13 @@ import onnxruntime as ort
 
 from engines.atomic import atomic_write, sha256_file
 from engines.base import Engine, embed_aligned
+from engines.error_rates import threshold_at_far
+from engines.holdout import list_identities
 from engines.model_card import CARD_FILENAME, ModelCard, ModelCardError
 from engines.pipeline import FacePipeline
 from engines.reference_landmarks import reference_names
 
 NOT_STATED = "not stated by the user"
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 CHECK_FAR = 1e-2  # the check's TAR is read here: a few hundred impostor pairs cannot measure a stricter FAR
 # "clearly worse": another channel order or scaling has a d′ above the chosen one's by more than this share of it.
 # Measured on the anchors (4 groups of 6 lfw-dev people, 5 photos each): equivalent scalings (std 127.5 vs 128)
@@ -172,19 +173,10 @@ def publish_onnx(card: ModelCard, out_dir: str | Path) -> Path:
 
 def check_photos(folder: str | Path, people: int, per_person: int) -> tuple[list[Path], np.ndarray]:
     """Up to `per_person` photos of each of the first `people` sub-folders holding at least two (sorted by name)."""
-    paths, labels = [], []
-    folders = sorted(p for p in Path(folder).iterdir() if p.is_dir())
-    for person in folders:
-        photos = sorted(p for p in person.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)[:per_person]
-        if len(photos) < 2:
-            continue
-        paths += photos
-        labels += [len(set(labels))] * len(photos)
-        if len(set(labels)) == people:
-            break
-    if len(set(labels)) < 2:
+    chosen = [photos[:per_person] for photos in list_identities(Path(folder)).values() if len(photos) >= 2][:people]
+    if len(chosen) < 2:
         raise ModelCardError(f"{folder}: the check needs at least two people (sub-folders) of two photos or more")
-    return paths, np.asarray(labels)
+    return [p for photos in chosen for p in photos], np.repeat(np.arange(len(chosen)), [len(p) for p in chosen])
 
 
 def check_faces(pipeline: FacePipeline, paths: list[Path], labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
@@ -226,9 +218,8 @@ def separation(raw: np.ndarray, labels: np.ndarray, conventions: Conventions, fa
     if len(genuine) == 0 or len(impostor) == 0:
         raise ModelCardError("the check needs genuine and impostor pairs: two people, two faces each at least")
     d = (genuine.mean() - impostor.mean()) / np.sqrt((genuine.var() + impostor.var()) / 2 + 1e-12)
-    # the threshold lets through at most far·impostors impostor pairs (none above it when that is below one)
-    threshold = np.sort(impostor)[::-1][min(int(far * len(impostor)), len(impostor) - 1)]
-    return Separation(conventions, float(d), float((genuine > threshold).mean()), len(genuine), len(impostor))
+    tar = (genuine >= threshold_at_far(impostor, far)).mean()
+    return Separation(conventions, float(d), float(tar), len(genuine), len(impostor))
 
 
 def candidates(chosen: Conventions) -> list[Conventions]:

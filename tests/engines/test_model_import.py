@@ -127,7 +127,7 @@ def test_separation_against_a_hand_computation():
     genuine, impostor = np.array([1.0, 0.8]), np.array([0.0, 0.0, 0.0, 0.0])
     assert (row.genuine, row.impostor) == (2, 4)
     assert math.isclose(row.d_prime, (0.9 - 0) / math.sqrt((genuine.var() + impostor.var()) / 2), rel_tol=1e-5)
-    # FAR 0.25 of 4 impostors: one may pass, the threshold is the second highest (0): both genuine pass
+    # FAR 0.25 of 4 impostors: one may pass, the threshold lies just above the second highest (0): both genuine pass
     assert row.tar == 1.0
 
 
