@@ -213,7 +213,9 @@ def calibrate_bands(genuine, impostor, gq, iq, fars=DEFAULT_FARS) -> list[Qualit
 
 
 def calibrate_floors(genuine, gq, threshold: float, bins: int = 20, ratios=FLOOR_RATIOS) -> QualityFloors:
-    edges = np.quantile(gq, np.linspace(0, 1, bins + 1))
+    # qualities clipped to 0 (or 1) tie: their quantile edges merge, else their bins would be empty (NaN rates)
+    edges = np.unique(np.quantile(gq, np.linspace(0, 1, bins + 1)))
+    bins = len(edges) - 1
     errors = np.array([np.mean(genuine[(gq >= lo) & (gq < hi)] < threshold) for lo, hi in zip(edges[:-1], edges[1:])])
 
     def floor(ratio: float) -> float:

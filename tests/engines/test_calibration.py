@@ -143,6 +143,10 @@ def test_quality_bands_and_floor_from_error_versus_quality():
     mild = np.where(gq < 0.2, np.tile([0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0, 1.0, 1.0], 200), np.tile([0.0, 1.0], 1000))
     floors = calibrate_floors(mild, gq, threshold=0.5)
     assert abs(floors.probe - 0.2) < 1e-3 and floors.enrolment == 0
+    # 30 % of the pairs clipped to quality 0, all failing: their tied bins merge into one and the floor lies above 0
+    gq = np.concatenate([np.zeros(600), np.linspace(0.3, 1, 1400)])
+    floors = calibrate_floors(np.where(gq == 0, 0.0, np.tile([0.0, 1.0], 1000)), gq, threshold=0.5)
+    assert 0 < floors.probe <= 0.3 and floors.enrolment == floors.probe and "nan" not in floors.rule
 
 
 # ---- faceset model calibrate, torch-free ----------------------------------------------------------------------------
