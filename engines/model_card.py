@@ -420,3 +420,15 @@ def quality_band(card: ModelCard, quality: float) -> QualityBand | None:
 
 
 # ---- files -------------------------------------------------------------------------------
+
+
+def deep_merge(base: dict, overrides: dict) -> dict:
+    """base updated by overrides, recursively for nested mappings (an override of None sets None): card
+    fields a caller states on top of the ones read off a model."""
+    merged = dict(base)
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged

@@ -19,6 +19,7 @@ from typing import Annotated
 import typer
 import yaml
 
+from engines.model_card import deep_merge
 from service.model_calibrate import calibrate
 
 model_app = typer.Typer(no_args_is_help=True, help="Bring your own recognition model: import it with a check of "
@@ -42,13 +43,6 @@ def _per_channel(value: str | None, option: str) -> list[float] | None:
     return parts * 3 if len(parts) == 1 else parts
 
 
-def _deep_merge(base: dict, overrides: dict) -> dict:
-    merged = dict(base)
-    for key, value in overrides.items():
-        merged[key] = _deep_merge(merged[key], value) if isinstance(value, dict) and isinstance(merged.get(key), dict) else value
-    return merged
-
-
 def _stated(card_yaml: Path | None, **given) -> dict:
     """Card fields the user stated: the YAML's, then the options given (None: not stated) on top."""
     stated = yaml.safe_load(card_yaml.read_text()) if card_yaml else {}
@@ -58,7 +52,7 @@ def _stated(card_yaml: Path | None, **given) -> dict:
     for key, value in fields.items():
         value = {k: v for k, v in value.items() if v is not None} if isinstance(value, dict) else value
         if value not in (None, {}):
-            stated = _deep_merge(stated, {key: value})
+            stated = deep_merge(stated, {key: value})
     if "files" in stated:
         raise typer.BadParameter("files are written by the import, not stated", param_hint="--card")
     return stated
@@ -142,7 +136,7 @@ def _import_onnx(path: Path, out: Path, name: str, version: str, input_size: int
                               tuple(chosen.get("std", [127.5] * 3)), bool(stated.get("flip_tta", False)))
     made = card_for_onnx(path, conventions, name, version, input_size, chosen.get("template", "arcface_112"),
                          source=str(path), output=output)
-    made = ModelCard.model_validate(_deep_merge(made.model_dump(), stated)).set_root(made.root)
+    made = ModelCard.model_validate(deep_merge(made.model_dump(), stated)).set_root(made.root)
     if check_with is not None:
         _check(made, check_with, check_size, force)
     publish_onnx(made, out)

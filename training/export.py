@@ -48,6 +48,7 @@ from engines.base import preprocess
 from engines.model_card import (
     CARD_FILENAME,
     ModelCard,
+    deep_merge,
     Parity,
     fsync_file,
     sha256_file,
@@ -352,17 +353,6 @@ def random_faces(size: int, count: int = PARITY_RANDOM_FACES, seed: int = 0) -> 
 
 
 # ---------------------------------------------------------------- the card
-
-
-def deep_merge(base: dict, overrides: dict) -> dict:
-    """base updated by overrides, recursively for nested mappings (an override of None sets None)."""
-    merged = dict(base)
-    for key, value in overrides.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = deep_merge(merged[key], value)
-        else:
-            merged[key] = value
-    return merged
 
 
 def card_data(loaded: LoadedBackbone, name: str, version: str, style_channels: list[int] | None,
