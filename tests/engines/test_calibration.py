@@ -176,15 +176,17 @@ print(result.output)
 
 @pytest.fixture(scope="module")
 def holdout(data_dir, tmp_path_factory):
-    """A tiny hold-out: three lfw-dev photos each of the first eight people with three or more, a folder each."""
-    images = data_dir / "lfw-dev" / "images"
-    by_person: dict[str, list] = {}
-    for p in sorted(images.iterdir()):
-        by_person.setdefault(p.stem.rsplit("_", 1)[0], []).append(p)
+    """A tiny hold-out: three photos each of the first eight identities with three or more of the CelebA calibration
+    hold-out (engines.holdout over CelebA-10k, CelebA-299's people protected, as benchmarks/open_set.py picks it),
+    a folder each: calibration never reads an evaluation set, even for a test card."""
+    from engines.holdout import holdout_names, list_identities
+
+    ids = list_identities(data_dir / "celeba-10k-aligned")
+    names = sorted(holdout_names(ids, protected=list_identities(data_dir / "celeba-299"), every=3, min_images=2))
     root = tmp_path_factory.mktemp("holdout")
-    for name in [n for n, ps in by_person.items() if len(ps) >= 3][:8]:
+    for name in [n for n in names if len(ids[n]) >= 3][:8]:
         (root / name).mkdir()
-        for p in by_person[name][:3]:
+        for p in ids[name][:3]:
             (root / name / p.name).symlink_to(p)
     return root
 
@@ -214,11 +216,11 @@ def test_model_calibrate_runs_without_torch_on_photos_and_crops(anchors_dir, hol
     before = ModelCard.load(folder)
     before.quality = Quality(low=5.0, high=15.0)  # a mapping from the norms' spread, as calibration used to invent
     before.save(folder)
-    out = _run(folder, "--holdout", holdout, "--dataset", "lfw-dev people (test)", "--threads", "1").stdout
+    out = _run(folder, "--holdout", holdout, "--dataset", "CelebA hold-out people (test)", "--threads", "1").stdout
     card = ModelCard.load(folder)
     c = card.calibration
     assert c.positive_pairs + c.negative_pairs == 24 * 23 // 2 and c.positive_pairs == 8 * 3  # every face found
-    assert list(c.thresholds) == [0.01] and c.open_set is not None and c.dataset == "lfw-dev people (test)"
+    assert list(c.thresholds) == [0.01] and c.open_set is not None and c.dataset == "CelebA hold-out people (test)"
     assert card.quality is None and c.quality_checks == [] and c.quality_bands == [] and c.floors is None
     assert "quality gating is off" in out and "raw hold-out photos through the serving pipeline" in c.method
     assert (card.files, card.input) == (before.files, before.input)  # the model itself untouched
