@@ -200,7 +200,9 @@ def test_sigterm_under_load_finishes_requests_in_flight_refuses_new_ones_and_exi
         if proc.poll() is None:
             proc.kill()
             proc.wait(10)
-    in_flight = [o for sent, done, o in log if sent < term - 0.1 and done > term]  # surely received before SIGTERM
+    # sent before SIGTERM and still open at it; a ConnectError there is a connection the busy client opened only
+    # after the listener closed (refused, as new ones must be): every request the server accepted ends 200
+    in_flight = [o for sent, done, o in log if sent < term - 0.1 and done > term and o != "ConnectError"]
     assert in_flight and all(o == 200 for o in in_flight), (in_flight, out[-2000:])
     assert late[0][2] in ("ConnectError", 503), late
     assert proc.returncode == 0 and exited < EXIT_BOUND_S, (proc.returncode, exited, out[-2000:])
