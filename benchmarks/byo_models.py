@@ -145,6 +145,7 @@ def measure(card_dir: Path, pairs: list[Pair]) -> dict:
     issame = np.array([p.issame for p in pairs])
     k = kfold_accuracy(scores, issame, np.array([p.fold for p in pairs]))
     return {"accuracy": 100 * k.mean, "std": 100 * k.std, "decided": 100 * np.mean(match == issame),
+            "false_accepts": int(np.sum(match & ~issame)), "false_rejects": int(np.sum(~match & issame)),
             "threshold": threshold, "no_face": no_face, "seconds": time.time() - t0}
 
 
@@ -185,7 +186,8 @@ def main() -> None:
     for label, card, _ in rows:
         print(f"{label} calibrated on: {card.calibration.dataset}")
     print("\n| model | calibration pairs, genuine / impostor | quality | LFW dev accuracy % (10-fold, /verify "
-          "similarities) | /verify at FAR 1e-3: correct % (threshold) | no face | anchors' README (LFW View 2) | s |")
+          "similarities) | /verify at FAR 1e-3: correct % (false accepts / rejects; threshold) | no face "
+          "| anchors' README (LFW View 2) | s |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for label, card, r in rows:
         c = card.calibration
@@ -193,7 +195,8 @@ def main() -> None:
             f"{card.quality.method} (ERC check used: {any(q.used for q in c.quality_checks)})"
         threshold = "by quality band" if np.isnan(r["threshold"]) else f"{r['threshold']:.3f}"
         print(f"| {label} | {c.positive_pairs:,} / {c.negative_pairs:,} | {quality} | {r['accuracy']:.2f} ± {r['std']:.2f} "
-              f"| {r['decided']:.2f} ({threshold}) | {r['no_face']} | {PUBLISHED.get(card.name, '-')} | {r['seconds']:.0f} |")
+              f"| {r['decided']:.2f} ({r['false_accepts']} / {r['false_rejects']}; {threshold}) | {r['no_face']} "
+              f"| {PUBLISHED.get(card.name, '-')} | {r['seconds']:.0f} |")
 
 
 if __name__ == "__main__":
