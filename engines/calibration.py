@@ -282,3 +282,18 @@ def calibrate_folder(card_path: Path, holdout: Path, dataset: str, aligned: bool
     card = calibrate(card, emb, labels, dataset, method=method, set_quality=set_quality)
     card.save(card_path)
     return card
+
+
+def calibrate_embeddings(card_path: Path, embeddings: Path, dataset: str, set_quality: bool = False) -> ModelCard:
+    """Calibrate the card at `card_path` on a hold-out's cached pipeline embeddings (.npz: `embedding` (N, D) raw,
+    NaN rows for photos without a face, and `identity` (N,); `benchmarks/open_set.py embed` writes them) and
+    rewrite it atomically."""
+    card = ModelCard.load(card_path)
+    data = np.load(embeddings)
+    found = ~np.isnan(data["embedding"][:, 0])
+    labels = np.unique(data["identity"][found], return_inverse=True)[1]
+    method = (f"hold-out embeddings computed through the serving pipeline ({embeddings.name}; "
+              f"{int((~found).sum())} photos without a face left out)")
+    card = calibrate(card, data["embedding"][found], labels, dataset, method=method, set_quality=set_quality)
+    card.save(card_path)
+    return card

@@ -16,8 +16,11 @@ import typer
 def calibrate(
     model: Annotated[Path, typer.Argument(help="model card folder (or its card.yaml): rewritten atomically with the "
                                                "calibration")],
-    holdout: Annotated[Path, typer.Option(help="held-out identities, a folder per person (never trained on): raw "
-                                               "photos, or aligned crops with --aligned")],
+    holdout: Annotated[Path | None, typer.Option(help="held-out identities, a folder per person (never trained on): "
+                                                      "raw photos, or aligned crops with --aligned")] = None,
+    embeddings: Annotated[Path | None, typer.Option(help="or the hold-out's raw embeddings, computed through the "
+                                                         "pipeline (.npz: embedding (N, D), identity (N,); "
+                                                         "benchmarks/open_set.py embed)")] = None,
     aligned: Annotated[bool, typer.Option(help="the hold-out holds crops already aligned to the card's template and "
                                                "size (no detection)")] = False,
     dataset: Annotated[str | None, typer.Option(help="name of the hold-out, written to the card (default: its "
@@ -30,11 +33,16 @@ def calibrate(
     """FAR thresholds (overall and per quality band), the open-set FPIR(t, N) tail model and the quality floors of a
     model card, on held-out identities. The card keeps a quality only where an error-versus-reject check validates
     it (a MagFace-trained model's magnitude); otherwise its quality is null and the service gates nothing on it."""
-    from engines.calibration import calibrate_folder
+    from engines.calibration import calibrate_embeddings, calibrate_folder
 
-    if not holdout.is_dir():
+    if (holdout is None) == (embeddings is None):
+        raise typer.BadParameter("give exactly one of --holdout or --embeddings")
+    if embeddings is not None:
+        card = calibrate_embeddings(model, embeddings, dataset or str(embeddings), set_quality)
+    elif not holdout.is_dir():
         raise typer.BadParameter(f"{holdout}: not a folder", param_hint="--holdout")
-    card = calibrate_folder(model, holdout, dataset or str(holdout), aligned, threads, set_quality)
+    else:
+        card = calibrate_folder(model, holdout, dataset or str(holdout), aligned, threads, set_quality)
     c = card.calibration
     typer.echo(f"{c.positive_pairs} genuine / {c.negative_pairs} impostor pairs; thresholds "
                + ", ".join(f"FAR {far:g}: {t:.4f}" for far, t in sorted(c.thresholds.items())))

@@ -139,43 +139,6 @@ def export(
 
 
 @app.command()
-def calibrate(
-    card: Annotated[Path, typer.Argument(help="model card (card.yaml or its folder), rewritten with the calibration")],
-    dataset: Annotated[str, typer.Option(help="name of the hold-out data, written to the card")],
-    holdout: Annotated[Path | None, typer.Option(help="aligned crops, one folder per held-out identity")] = None,
-    embeddings: Annotated[Path | None, typer.Option(help="or the hold-out's raw embeddings, computed through the "
-                                                         "pipeline (.npz: embedding (N, D), identity (N,); "
-                                                         "benchmarks/open_set.py embed)")] = None,
-    threads: Threads = 0,
-    set_quality: Annotated[bool, typer.Option(help="replace the card's quality mapping with the hold-out's magnitude "
-                                                    "percentiles (changes stored qualities; a fusion model trained "
-                                                    "on the old mapping no longer matches)")] = False,
-) -> None:
-    """Verification thresholds at FARs (overall and per quality band), quality floors and the open-set FPIR(t, N)
-    tail model of a model card, on held-out identities; the quality mapping only where the card has none."""
-    import numpy as np
-
-    from engines.model_card import ModelCard
-    from training.calibrate import calibrate as calibrate_card
-    from training.calibrate import embed_tree
-
-    if (holdout is None) == (embeddings is None):
-        raise typer.BadParameter("give exactly one of --holdout or --embeddings")
-    model = ModelCard.load(card)
-    if holdout is not None:
-        emb, labels = embed_tree(model, holdout, threads)
-    else:
-        data = np.load(embeddings)
-        found = ~np.isnan(data["embedding"][:, 0])  # photos without a face
-        emb, labels = data["embedding"][found], np.unique(data["identity"][found], return_inverse=True)[1]
-    model = calibrate_card(model, emb, labels, dataset, set_quality=set_quality)
-    model.save(card)
-    c = model.calibration
-    typer.echo(f"{c.positive_pairs} genuine / {c.negative_pairs} impostor pairs; thresholds {c.thresholds}; "
-               f"quality {model.quality}")
-
-
-@app.command()
 def add_style_output(
     ctx: typer.Context,
     model: Annotated[Path, typer.Option(help="the shipped model card folder, re-exported in place")] = Path("models/default"),

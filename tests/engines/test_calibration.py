@@ -238,3 +238,26 @@ def test_model_calibrate_runs_without_torch_on_photos_and_crops(anchors_dir, hol
     assert "aligned hold-out crops" in aligned.method
     assert aligned.thresholds[0.01] == pytest.approx(c.thresholds[0.01], abs=1e-6)  # the same crops (PNG is lossless)
     assert sorted(p.name for p in folder.iterdir()) == ["card.yaml", "mobilefacenet-a.onnx"]  # no temp file left
+
+
+@pytest.mark.data
+def test_model_calibrate_takes_cached_pipeline_embeddings(anchors_dir, tmp_path):
+    """--embeddings (the .npz benchmarks/open_set.py caches): rows without a face (NaN) are left out and counted."""
+    from typer.testing import CliRunner
+
+    from service.cli import build_app
+
+    folder = tmp_path / "model"
+    imported = CliRunner().invoke(build_app(), ["model", "import", str(anchors_dir / "mobilefacenet-a.onnx"), "--out",
+                                                str(folder), "--channel-order", "BGR", "--std", "128"])
+    assert imported.exit_code == 0, imported.output
+    rng = np.random.default_rng(1)
+    emb = rng.normal(size=(60, 128)) + np.repeat(rng.normal(size=(20, 128)) * 2, 3, axis=0)
+    emb[0] = np.nan  # a photo without a face
+    npz = tmp_path / "holdout.npz"
+    np.savez(npz, embedding=emb.astype(np.float32), identity=np.repeat([f"p{i:02d}" for i in range(20)], 3))
+    _run(folder, "--embeddings", npz, "--dataset", "synthetic (test)")
+    c = ModelCard.load(folder).calibration
+    genuine = 1 + 19 * 3  # the first person keeps two faces
+    assert (c.positive_pairs, c.negative_pairs) == (genuine, 59 * 58 // 2 - genuine)
+    assert c.dataset == "synthetic (test)" and "1 photos without a face left out" in c.method

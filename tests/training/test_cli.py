@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from service.cli import PLUGIN_GROUP, build_app
 from training.cli import app
 
-TRAINING_COMMANDS = {"train", "eval", "export", "calibrate", "add-style-output", "data", "convert", "caface"}
+TRAINING_COMMANDS = {"train", "eval", "export", "add-style-output", "data", "convert", "caface"}
 
 
 def test_faceset_help_lists_serve_and_the_installed_training_commands():

@@ -42,5 +42,5 @@ faceset model import "$RUNS/celeba-dlib-magface/backbone.pt" --out "$OUT" --name
   --template dlib_150 --parity-dir "$ALIGNED/lfw-dev-dlib150" --licence "CC0-1.0 base weights (dlib); fine-tuned on CelebA: non-commercial research only" \
   --data-licence "CelebA: non-commercial research only" --card training/recipes/default_model_card.yaml --style \
   --check-with "$DATA/celeba-299"
-faceset calibrate "$OUT" --holdout "$ALIGNED/celeba-calib-dlib150" --dataset "CelebA-10k hold-out identities (aligned by our MTCNN)"
+faceset model calibrate "$OUT" --holdout "$ALIGNED/celeba-calib-dlib150" --aligned --dataset "CelebA-10k hold-out identities (aligned by our MTCNN)"
 faceset eval "$OUT" --out "$OUT/eval" --record
