@@ -235,9 +235,9 @@ def calibrate_floors(genuine, gq, threshold: float, bins: int = 20, ratios=FLOOR
 
 def calibrate(card: ModelCard, emb: np.ndarray, labels: np.ndarray, dataset: str, fars=DEFAULT_FARS,
               method: str = "aligned hold-out crops through the card's engine (flip TTA as the card says)",
-              set_quality: bool = False) -> ModelCard:
+              set_quality: bool = False, command: str | None = None) -> ModelCard:
     """The card with its calibration (and its quality: validated, else null) measured on raw embeddings (N, D) of
-    held-out identities `labels` (N,)."""
+    held-out identities `labels` (N,); `command`: the command line that asked for it, recorded."""
     norms = np.linalg.norm(emb, axis=1)
     genuine, impostor, genuine_norm, impostor_norm = pair_scores(emb, labels, norms)  # the pairs' lower ‖f‖
     thresholds = {float(f): float(threshold_at_far(impostor, f)) for f in fars if f * impostor.size >= 1}
@@ -258,6 +258,7 @@ def calibrate(card: ModelCard, emb: np.ndarray, labels: np.ndarray, dataset: str
         quality_checks=checks,
         quality_bands=bands,
         floors=floors,
+        command=command,
     )
     # quality and calibration change together (the card refuses bands without a quality): one copy, validated whole
     out = card.model_copy(update=dict(card_version=2, quality=quality, calibration=calibration))
@@ -266,7 +267,7 @@ def calibrate(card: ModelCard, emb: np.ndarray, labels: np.ndarray, dataset: str
 
 
 def calibrate_folder(card_path: Path, holdout: Path, dataset: str, aligned: bool = False, threads: int = 0,
-                     set_quality: bool = False) -> ModelCard:
+                     set_quality: bool = False, command: str | None = None) -> ModelCard:
     """Calibrate the card at `card_path` on a folder per held-out identity (raw photos through the pipeline, or
     aligned crops) and rewrite it atomically."""
     card = ModelCard.load(card_path)
@@ -279,12 +280,13 @@ def calibrate_folder(card_path: Path, holdout: Path, dataset: str, aligned: bool
                   f"as the card says), the largest face of each ({missed} photos without a face left out)")
     if len(np.unique(labels)) < 3:
         raise ValueError(f"{holdout}: calibration needs faces of at least 3 identities, found {len(np.unique(labels))}")
-    card = calibrate(card, emb, labels, dataset, method=method, set_quality=set_quality)
+    card = calibrate(card, emb, labels, dataset, method=method, set_quality=set_quality, command=command)
     card.save(card_path)
     return card
 
 
-def calibrate_embeddings(card_path: Path, embeddings: Path, dataset: str, set_quality: bool = False) -> ModelCard:
+def calibrate_embeddings(card_path: Path, embeddings: Path, dataset: str, set_quality: bool = False,
+                         command: str | None = None) -> ModelCard:
     """Calibrate the card at `card_path` on a hold-out's cached pipeline embeddings (.npz: `embedding` (N, D) raw,
     NaN rows for photos without a face, and `identity` (N,); `benchmarks/open_set.py embed` writes them) and
     rewrite it atomically."""
@@ -294,6 +296,7 @@ def calibrate_embeddings(card_path: Path, embeddings: Path, dataset: str, set_qu
     labels = np.unique(data["identity"][found], return_inverse=True)[1]
     method = (f"hold-out embeddings computed through the serving pipeline ({embeddings.name}; "
               f"{int((~found).sum())} photos without a face left out)")
-    card = calibrate(card, data["embedding"][found], labels, dataset, method=method, set_quality=set_quality)
+    card = calibrate(card, data["embedding"][found], labels, dataset, method=method, set_quality=set_quality,
+                     command=command)
     card.save(card_path)
     return card

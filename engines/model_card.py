@@ -198,6 +198,8 @@ class Calibration(_Strict):
     floors: QualityFloors | None = Field(None, description="Quality floors (card version 2).")
     quality_checks: list[QualityCheck] = Field(default_factory=list, description="Error-versus-reject checks of the "
                                                "quality sources tried; the card's quality is null unless one was used.")
+    command: str | None = Field(None, description="The command that made this calibration (faceset model calibrate as "
+                                "run); null on cards calibrated before it was recorded.")
 
     @model_validator(mode="after")
     def _consistent(self) -> Calibration:

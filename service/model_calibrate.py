@@ -14,6 +14,7 @@ import typer
 
 
 def calibrate(
+    ctx: typer.Context,
     model: Annotated[Path, typer.Argument(help="model card folder (or its card.yaml): rewritten atomically with the "
                                                "calibration")],
     holdout: Annotated[Path | None, typer.Option(help="held-out identities, a folder per person (never trained on): "
@@ -34,15 +35,18 @@ def calibrate(
     model card, on held-out identities. The card keeps a quality only where an error-versus-reject check validates
     it (a MagFace-trained model's magnitude); otherwise its quality is null and the service gates nothing on it."""
     from engines.calibration import calibrate_embeddings, calibrate_folder
+    from service.command_line import command_as_run
+
+    command = command_as_run(ctx)
 
     if (holdout is None) == (embeddings is None):
         raise typer.BadParameter("give exactly one of --holdout or --embeddings")
     if embeddings is not None:
-        card = calibrate_embeddings(model, embeddings, dataset or str(embeddings), set_quality)
+        card = calibrate_embeddings(model, embeddings, dataset or str(embeddings), set_quality, command)
     elif not holdout.is_dir():
         raise typer.BadParameter(f"{holdout}: not a folder", param_hint="--holdout")
     else:
-        card = calibrate_folder(model, holdout, dataset or str(holdout), aligned, threads, set_quality)
+        card = calibrate_folder(model, holdout, dataset or str(holdout), aligned, threads, set_quality, command)
     c = card.calibration
     typer.echo(f"{c.positive_pairs} genuine / {c.negative_pairs} impostor pairs; thresholds "
                + ", ".join(f"FAR {far:g}: {t:.4f}" for far, t in sorted(c.thresholds.items())))

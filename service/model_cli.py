@@ -20,6 +20,7 @@ import typer
 import yaml
 
 from engines.model_card import deep_merge
+from service.command_line import command_as_run, masked
 from service.model_calibrate import calibrate
 
 model_app = typer.Typer(no_args_is_help=True, help="Bring your own recognition model: import it with a check of "
@@ -65,6 +66,7 @@ def _fail(message: str) -> typer.Exit:
 
 @model_app.command("import")
 def import_model(
+    ctx: typer.Context,
     path: Annotated[Path, typer.Argument(
         exists=True, dir_okay=False, help="an ONNX recognition model (N, 3, S, S) -> (N, D); or a PyTorch checkpoint "
         "(needs faceset-train): an official MagFace iResNet .pth, a faceset backbone.pt or a converted dlib checkpoint")],
@@ -112,8 +114,9 @@ def import_model(
                    "std": _per_channel(std, "--std"), "flip_tta": flip_tta}
     if channel_order not in (None, "RGB", "BGR"):
         raise typer.BadParameter(f"{channel_order!r}: RGB or BGR", param_hint="--channel-order")
-    stated = _stated(card, **conventions, licence=licence, source=source, architecture=architecture,
+    stated = _stated(card, **conventions, licence=licence, source=source and masked(source), architecture=architecture,
                      data_licence=data_licence)
+    stated = deep_merge(stated, {"provenance": {"command": command_as_run(ctx)}})  # as run, never a --card's
     try:
         if path.suffix.lower() in CHECKPOINT_SUFFIXES:
             _import_checkpoint(path, out, name, version, stated, arch, parity_dir, style, check_with,

@@ -261,3 +261,5 @@ def test_model_calibrate_takes_cached_pipeline_embeddings(anchors_dir, tmp_path)
     genuine = 1 + 19 * 3  # the first person keeps two faces
     assert (c.positive_pairs, c.negative_pairs) == (genuine, 59 * 58 // 2 - genuine)
     assert c.dataset == "synthetic (test)" and "1 photos without a face left out" in c.method
+    # the command as run, recorded in the calibration section
+    assert c.command == f"faceset model calibrate {folder} --embeddings {npz} --dataset 'synthetic (test)'"

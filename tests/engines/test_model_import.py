@@ -117,6 +117,17 @@ def test_importing_an_onnx_loads_no_torch(tmp_path):
     assert ModelCard.load(tmp_path / "out").input.channel_order == "RGB"  # insightface's zoo, the ONNX default
 
 
+def test_the_card_records_the_import_command_as_run_without_secrets(tmp_path):
+    linear_onnx(tmp_path / "m.onnx")
+    url = "https://alice:s3cret@example.org/m.onnx?token=abc"
+    done = faceset(tmp_path / "m.onnx", "--out", tmp_path / "out", "--std", "128", "--source", url, "--no-flip-tta")
+    assert done.exit_code == 0, done.output
+    provenance = ModelCard.load(tmp_path / "out").provenance
+    assert provenance.command == (f"faceset model import {tmp_path / 'm.onnx'} --out {tmp_path / 'out'} --std 128 "
+                                  "--no-flip-tta --source 'https://***@example.org/m.onnx?token=***'")
+    assert "s3cret" not in provenance.source and "abc" not in provenance.source
+
+
 # ---- the check's arithmetic ---------------------------------------------------------------
 
 
