@@ -28,10 +28,11 @@ from service.health import HealthMonitor
 from service.limits import RequestBody
 from service.metrics import Metrics, MetricsMiddleware
 from service.redis_store import EmbeddedRedis, FileEraser, connect
-from service.routes import docs, openapi
+from service.routes import console, docs, openapi
 from service.routes import faces as face_routes
 from service.routes import gallery as gallery_routes
 from service.routes import health as health_routes
+from service.routes import model as model_routes
 from service.routes import templates as template_routes
 from service.settings import Settings, get_settings
 from service.template_store import TemplateStore
@@ -125,11 +126,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.active_requests = 0
     errors.install(app)
     app.include_router(health_routes.router)
+    app.include_router(model_routes.router)
     app.include_router(face_routes.router)
     app.include_router(template_routes.router)
     app.include_router(gallery_routes.router)
     openapi.install(app)
     docs.install(app)
+    console.install(app)
     app.add_middleware(RequestBody, max_bytes=settings.max_body_bytes, timeout_s=settings.body_timeout_s)
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)  # outermost: sees every status
     return app

@@ -349,3 +349,28 @@ class ErrorBody(BaseModel):
 
 class Problem(BaseModel):
     error: ErrorBody
+
+
+class ServedModel(BaseModel):
+    """GET /model: what the service runs and the operating points its calibration supports."""
+
+    name: str
+    version: str
+    architecture: str
+    runtime: str = Field(description="The runtime serving it (onnxruntime, tensorrt)")
+    embedding_size: int
+    input_size: int = Field(description="Side of the aligned face crop in pixels")
+    flip_tta: bool
+    quality: bool = Field(description="Whether the card has a validated quality (false: nothing is gated on it)")
+    fars: list[float] = Field(description="Calibrated false accept rates, ascending: /verify's far takes these "
+                              "(another value uses the nearest stricter one)")
+    default_far: float = Field(description="The FAR /verify uses when the request names none")
+    fpir_range: list[float] | None = Field(description="[lowest, highest] FPIR /gallery/search takes (null: no "
+                                           "open-set calibration; searches decide by FAR)")
+    default_fpir: float | None = Field(description="The FPIR a search uses when the request names neither")
+    probe_floor: float | None = Field(description="Searches with a probe below this quality answer low_quality")
+    enrolment_floor: float | None = Field(description="Enrolments whose best photo is below this are refused")
+    min_face_size: float = Field(description="Faces with a shorter box side (px) are left out unless a request "
+                                 "sets min_face_size")
+    calibration_data: str | None = Field(description="What the thresholds were measured on")
+    templates: str | None = Field(description="Why /templates is off (null: it is on)")
