@@ -39,6 +39,7 @@ log = logging.getLogger(__name__)
 
 __all__ = ["TensorRTEngine", "cached_plan", "plan_cache_key", "profile_shapes"]
 
+TENSORRT_MAJOR = 10  # the API written for (BuilderFlag.FP16 went in 11); pyproject's `tensorrt` extra pins it
 DEFAULT_CACHE_DIR = Path("~/.cache/faceset/tensorrt")
 PLAN_SUFFIX = ".plan"
 
