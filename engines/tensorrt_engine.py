@@ -10,17 +10,23 @@ cache_dir under a key hashing everything a plan depends on: the ONNX's sha256, t
 the TensorRT version, the profile's max batch size and the precision (a plan is specific to
 the GPU model and TensorRT version, and to the shapes and flags it was built for). A plan is
 written to a temp file, fsynced and moved into place, so a crash mid-write or two servers
-building at once never leave a truncated plan for the next start.
+building at once never leave a truncated plan for the next start. A cached plan that does not
+deserialise (corrupt, or from a TensorRT the key did not tell apart) is rebuilt, not fatal. The
+ONNX is parsed from its path, so weights stored beside it (external data) are found.
 
-Run: device buffers for max_batch_size faces are allocated once with cuda-python (`cudart`);
-each chunk is copied in, run with `execute_async_v3` on the engine's own stream, copied out.
-One execution context serves one inference at a time (a lock), as the batcher drives it. Every
-output the card names ("embedding", and "style" where the model has it) comes back from the same
-execution.
+Run: device buffers are allocated once with cuda-python (`cudart`), each sized for the largest
+shape the plan accepts: inputs at the optimisation profile's max shape, outputs at the shape the
+plan infers for that input (a brought-in ONNX may have dynamic dimensions besides the batch).
+Each chunk is copied in, run with `execute_async_v3` on the engine's own stream, copied out. One
+execution context serves one inference at a time (a lock), as the batcher drives it. The CUDA
+device is current per thread, so it is set on each thread that runs inference (the batcher's),
+not only the one that built the engine. Every output the card names ("embedding", and "style"
+where the model has it) comes back from the same execution.
 
-Requirements: `tensorrt` 10.x and `cuda-python` (TensorRT's wheel does not bring a CUDA
-runtime binding of its own). Neither is imported until an engine is built: the pure functions
-here (cache key, profile shapes, plan cache) work without them.
+Requirements: `tensorrt` 10.x (TENSORRT_MAJOR; pyproject's `tensorrt` extra) and `cuda-python`
+(TensorRT's wheel does not bring a CUDA runtime binding of its own). Neither is imported until
+an engine is built: the pure functions here (cache key, profile and buffer shapes, plan cache,
+per-thread device binding) work without them.
 """
 from __future__ import annotations
 
@@ -28,7 +34,7 @@ import hashlib
 import logging
 import threading
 from pathlib import Path
-from typing import Callable
+from typing import Callable, TypeVar
 
 import numpy as np
 
@@ -36,8 +42,10 @@ from engines.base import ENGINES, ChunkedEngine, graph_outputs
 from engines.model_card import ModelCard, ModelCardError, atomic_write_bytes
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
-__all__ = ["TensorRTEngine", "cached_plan", "plan_cache_key", "profile_shapes"]
+__all__ = ["TensorRTEngine", "ThreadDevice", "buffer_nbytes", "cached_plan", "input_max_shape", "plan_cache_key",
+           "profile_shapes"]
 
 TENSORRT_MAJOR = 10  # the API written for (BuilderFlag.FP16 went in 11); pyproject's `tensorrt` extra pins it
 DEFAULT_CACHE_DIR = Path("~/.cache/faceset/tensorrt")
@@ -66,19 +74,64 @@ def profile_shapes(max_batch_size: int, size: int) -> tuple[tuple[int, ...], tup
     return (1, 3, size, size), (opt, 3, size, size), (max_batch_size, 3, size, size)
 
 
-def cached_plan(cache_dir: str | Path, key: str, build: Callable[[], bytes]) -> tuple[bytes, Path, bool]:
-    """The plan named `key` in cache_dir, built by `build()` and stored atomically when absent.
+def cached_plan(cache_dir: str | Path, key: str, build: Callable[[], bytes],
+                load: Callable[[bytes], T] = bytes) -> tuple[T, Path, bool]:
+    """The plan named `key` in cache_dir, loaded by `load` (default: the bytes), built by `build()` and
+    stored atomically when absent or when the cached one does not load (`load` returns None or raises
+    TensorRTError: a corrupt file, or a plan of another TensorRT).
 
-    Returns (plan bytes, its path, whether it was built now). A failing build stores nothing.
+    Returns (loaded plan, its path, whether it was built now). A failing build stores nothing.
     """
     path = Path(cache_dir).expanduser() / f"{key}{PLAN_SUFFIX}"
     if path.is_file():
-        return path.read_bytes(), path, False
+        try:
+            loaded = load(path.read_bytes())
+        except TensorRTError as exc:
+            loaded, why = None, str(exc)
+        else:
+            why = "it does not deserialise"
+        if loaded is not None:
+            return loaded, path, False
+        log.warning("cached TensorRT plan %s is unusable (%s): rebuilding it", path, why)
     plan = build()
     if not plan:
         raise TensorRTError("the TensorRT builder returned an empty plan")
+    loaded = load(bytes(plan))
+    if loaded is None:
+        raise TensorRTError("a freshly built TensorRT plan does not deserialise")
     atomic_write_bytes(path, bytes(plan))
-    return bytes(plan), path, True
+    return loaded, path, True
+
+
+def input_max_shape(declared: tuple[int, ...], profile: tuple[tuple[int, ...], ...]) -> tuple[int, ...]:
+    """The largest shape an input takes: the profile's max, checked against the plan's declared shape
+    (-1 where dynamic; a fixed dimension must equal the profile's)."""
+    high = tuple(int(d) for d in profile[-1])
+    if len(high) != len(declared) or any(d >= 0 and d != h for d, h in zip(declared, high)):
+        raise TensorRTError(f"the profile's max shape {high} does not fit the input's shape {tuple(declared)}")
+    return high
+
+
+def buffer_nbytes(shape: tuple[int, ...], itemsize: int) -> int:
+    """Bytes of a tensor of `shape`; every dimension must be known by now."""
+    if any(int(d) < 0 for d in shape):
+        raise TensorRTError(f"shape {tuple(shape)} still has a dynamic dimension: cannot size its buffer")
+    return int(np.prod(shape, dtype=np.int64)) * itemsize
+
+
+class ThreadDevice:
+    """Makes a CUDA device current on each thread that calls `bind()`, once per thread: CUDA's current
+    device is per host thread, and inference runs on the batcher's thread, not the one that built it."""
+
+    def __init__(self, set_device: Callable[[int], object], device: int) -> None:
+        self.set_device, self.device = set_device, device
+        self._local = threading.local()
+
+    def bind(self) -> None:
+        if getattr(self._local, "bound", False):
+            return
+        self.set_device(self.device)
+        self._local.bound = True
 
 
 # ---------------------------------------------------------------- CUDA (cuda-python)
@@ -109,6 +162,25 @@ def gpu_name(device: int = 0) -> str:
 # ---------------------------------------------------------------- build
 
 
+def parse_onnx(parser, onnx_path: Path) -> None:
+    """Parse from the file, not its bytes: weights stored as external data are found beside the path."""
+    if not parser.parse_from_file(str(onnx_path)):
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise TensorRTError(f"{onnx_path}: TensorRT could not parse the ONNX: {errors}")
+
+
+def onnx_input_name(onnx_path: Path) -> str:
+    """The graph's one real input (initialisers excluded), read without loading external weights."""
+    import onnx
+
+    graph = onnx.load(str(onnx_path), load_external_data=False).graph
+    initialisers = {i.name for i in graph.initializer}
+    inputs = [i.name for i in graph.input if i.name not in initialisers]
+    if len(inputs) != 1:
+        raise ModelCardError(f"{onnx_path}: expected one input, found {inputs}")
+    return inputs[0]
+
+
 def build_plan(onnx_path: Path, input_name: str, max_batch_size: int, size: int, fp16: bool,
                workspace_bytes: int) -> bytes:
     """Parse the ONNX and build a serialised plan with the dynamic-batch profile (minutes on a big model)."""
@@ -117,10 +189,8 @@ def build_plan(onnx_path: Path, input_name: str, max_batch_size: int, size: int,
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
     network = builder.create_network(0)  # TensorRT 10: every network is explicit-batch
-    parser = trt.OnnxParser(network, logger)
-    if not parser.parse(onnx_path.read_bytes()):
-        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
-        raise TensorRTError(f"{onnx_path}: TensorRT could not parse the ONNX: {errors}")
+    parser = trt.OnnxParser(network, logger)  # kept until the build: the parser owns the weights' memory
+    parse_onnx(parser, onnx_path)
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_bytes)
     if fp16:
@@ -162,46 +232,44 @@ class TensorRTEngine(ChunkedEngine):
         card, self.fp16, self.max_batch_size = self.card, fp16, max_batch_size
         self.graph_outputs = graph_outputs(card)
         self._cudart = _cudart()
-        _check(self._cudart.cudaSetDevice(device))
+        self._device = ThreadDevice(lambda d: _check(self._cudart.cudaSetDevice(d)), device)
+        self._device.bind()
         self.cache_key = plan_cache_key(card.files.onnx.sha256, gpu_name(device), trt.__version__,
                                         max_batch_size, fp16)
-        input_name = self._onnx_input_name()
-        plan, self.plan_path, built = cached_plan(
+        input_name = onnx_input_name(card.onnx_path)
+        self._trt_logger = trt.Logger(trt.Logger.WARNING)  # outlives the runtime that logs to it
+        self._trt_runtime = trt.Runtime(self._trt_logger)
+        self._engine, self.plan_path, built = cached_plan(
             cache_dir or DEFAULT_CACHE_DIR, self.cache_key,
             lambda: build_plan(card.onnx_path, input_name, max_batch_size, self.input_size, fp16,
-                               int(workspace_gib * (1 << 30))))
+                               int(workspace_gib * (1 << 30))),
+            self._trt_runtime.deserialize_cuda_engine)  # None for a corrupt or foreign plan: rebuilt
         log.info("%s: %s plan %s", self.name, "built" if built else "cached", self.plan_path)
-        self._trt_runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
-        self._engine = self._trt_runtime.deserialize_cuda_engine(plan)
-        if self._engine is None:
-            raise TensorRTError(f"{self.plan_path}: cannot deserialise the plan (delete it to rebuild)")
         self._context = self._engine.create_execution_context()
         self._lock = threading.Lock()
         self._stream = _check(self._cudart.cudaStreamCreate())
         self._buffers: dict[str, tuple[int, np.dtype, tuple[int, ...]]] = {}
         self._allocate(trt)
 
-    def _onnx_input_name(self) -> str:
-        import onnx
-
-        graph = onnx.load(str(self.card.onnx_path), load_external_data=False).graph
-        initialisers = {i.name for i in graph.initializer}
-        inputs = [i.name for i in graph.input if i.name not in initialisers]
-        if len(inputs) != 1:
-            raise ModelCardError(f"{self.card.onnx_path}: expected one input, found {inputs}")
-        return inputs[0]
-
     def _allocate(self, trt) -> None:
-        """Device memory for max_batch_size faces, for every input and output tensor of the plan."""
-        for i in range(self._engine.num_io_tensors):
-            name = self._engine.get_tensor_name(i)
-            dtype = np.dtype(trt.nptype(self._engine.get_tensor_dtype(name)))
-            shape = tuple(self.max_batch_size if d < 0 else d for d in self._engine.get_tensor_shape(name))
-            pointer = _check(self._cudart.cudaMalloc(int(np.prod(shape)) * dtype.itemsize))
+        """Device memory for the largest shape of every input and output tensor of the plan: the input at
+        the profile's max shape, then each output at the shape the plan infers from it."""
+        engine = self._engine
+        names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
+        inputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
+        if len(inputs) != 1:
+            raise ModelCardError(f"the plan has inputs {inputs}: expected one")
+        self._input_name = inputs[0]
+        high = input_max_shape(tuple(engine.get_tensor_shape(inputs[0])),
+                               tuple(tuple(s) for s in engine.get_tensor_profile_shape(inputs[0], 0)))
+        if not self._context.set_input_shape(inputs[0], high):
+            raise TensorRTError(f"{self.name}: the plan refuses its own profile's max shape {high}")
+        for name in names:  # inputs first: an output's shape is known once the input's is set
+            dtype = np.dtype(trt.nptype(engine.get_tensor_dtype(name)))
+            shape = tuple(int(d) for d in self._context.get_tensor_shape(name))
+            pointer = _check(self._cudart.cudaMalloc(buffer_nbytes(shape, dtype.itemsize)))
             self._buffers[name] = (pointer, dtype, shape)
             self._context.set_tensor_address(name, pointer)
-            if self._engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT:
-                self._input_name = name
         missing = [name for name in self.graph_outputs.values() if name not in self._buffers]
         if missing:
             raise ModelCardError(f"the plan has no output {missing}: {sorted(self._buffers)}")
@@ -214,10 +282,12 @@ class TensorRTEngine(ChunkedEngine):
         in_pointer, in_dtype, _ = self._buffers[self._input_name]
         x = np.ascontiguousarray(chunk, dtype=in_dtype)
         names = list(self.graph_outputs.values())
-        outs = [np.empty((n, *self._buffers[name][2][1:]), dtype=self._buffers[name][1]) for name in names]  # (n, …)
         with self._lock:
+            self._device.bind()  # this thread (the batcher's) may not be the one that built the engine
             if not self._context.set_input_shape(self._input_name, x.shape):
                 raise TensorRTError(f"{self.name}: input shape {x.shape} is outside the plan's profile")
+            outs = [np.empty(tuple(self._context.get_tensor_shape(name)), dtype=self._buffers[name][1])
+                    for name in names]  # (n, …) as the plan infers it for this input
             _check(cudart.cudaMemcpyAsync(in_pointer, x.ctypes.data, x.nbytes, host_to_device, self._stream))
             if not self._context.execute_async_v3(int(self._stream)):
                 raise TensorRTError(f"{self.name}: execute_async_v3 failed")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import threading
 
 import numpy as np
 import pytest
@@ -12,7 +13,12 @@ from engines.base import ENGINES, RUNTIME_MODULES
 from engines.tensorrt_engine import (
     PLAN_SUFFIX,
     TensorRTError,
+    ThreadDevice,
+    buffer_nbytes,
     cached_plan,
+    input_max_shape,
+    onnx_input_name,
+    parse_onnx,
     plan_cache_key,
     profile_shapes,
 )
@@ -65,6 +71,90 @@ def test_a_failed_build_stores_nothing(tmp_path):
     with pytest.raises(TensorRTError, match="empty"):
         cached_plan(tmp_path, "k3", lambda: b"")
     assert list(tmp_path.iterdir()) == []
+
+
+def _plan_or_none(plan: bytes) -> bytes | None:
+    """Stands in for TensorRT's deserialize_cuda_engine, which returns None for a plan it cannot read."""
+    return plan if plan.startswith(b"PLAN") else None
+
+
+@pytest.mark.parametrize("cached", [b"\x00garbage", b""])
+def test_a_cached_plan_that_does_not_deserialise_is_rebuilt_and_replaced(tmp_path, cached):
+    path = tmp_path / f"k4{PLAN_SUFFIX}"
+    path.write_bytes(cached)  # corrupt (or truncated by something other than our atomic write)
+    plan, same, built = cached_plan(tmp_path, "k4", lambda: b"PLAN-new", _plan_or_none)
+    assert (plan, same, built) == (b"PLAN-new", path, True) and path.read_bytes() == b"PLAN-new"
+    again = cached_plan(tmp_path, "k4", lambda: pytest.fail("rebuilt a good plan"), _plan_or_none)
+    assert again == (b"PLAN-new", path, False)
+
+
+def test_a_plan_of_another_tensorrt_is_rebuilt(tmp_path):
+    """A loader that raises TensorRTError (a version mismatch reported as an error) also means: rebuild."""
+    def load(plan: bytes) -> bytes:
+        if plan != b"PLAN-10":
+            raise TensorRTError("serialised by another TensorRT")
+        return plan
+
+    (tmp_path / f"k5{PLAN_SUFFIX}").write_bytes(b"PLAN-11")
+    assert cached_plan(tmp_path, "k5", lambda: b"PLAN-10", load)[1:] == (tmp_path / f"k5{PLAN_SUFFIX}", True)
+
+
+def test_a_fresh_plan_that_does_not_deserialise_is_not_stored(tmp_path):
+    with pytest.raises(TensorRTError, match="freshly built"):
+        cached_plan(tmp_path, "k6", lambda: b"junk", _plan_or_none)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_buffers_are_sized_from_the_profiles_max_shape_not_the_batch():
+    """A brought-in ONNX with dynamic height and width: every -1 takes the profile's max, so the input buffer
+    holds 64 faces of 112×112 (the old sizing put the max batch, 64, in every dynamic dimension: 64×64)."""
+    profile = profile_shapes(64, 112)
+    high = input_max_shape((-1, 3, -1, -1), profile)
+    assert high == (64, 3, 112, 112)
+    assert buffer_nbytes(high, 4) == 64 * 3 * 112 * 112 * 4
+    assert input_max_shape((-1, 3, 112, 112), profile) == high  # the usual dynamic-batch graph
+    with pytest.raises(TensorRTError):
+        input_max_shape((-1, 3, 96, 96), profile)  # a fixed size the profile contradicts
+    with pytest.raises(TensorRTError):
+        input_max_shape((-1, 3, 112), profile)
+    with pytest.raises(TensorRTError, match="dynamic"):
+        buffer_nbytes((64, -1), 4)  # an output whose shape the plan has not inferred
+
+
+def test_the_device_is_set_on_every_thread_that_runs_inference():
+    calls = []
+    device = ThreadDevice(lambda d: calls.append((threading.get_ident(), d)), 1)
+    device.bind()
+    device.bind()  # once per thread
+    worker = threading.Thread(target=lambda: (device.bind(), device.bind()))
+    worker.start()
+    worker.join()
+    assert [d for _, d in calls] == [1, 1] and calls[0][0] == threading.get_ident() and calls[1][0] != calls[0][0]
+
+
+def test_an_onnx_with_external_weights_is_parsed_from_its_path(tmp_path):
+    """The weights live in model.onnx.data beside the graph: the input name is read without them, and the
+    parser is handed the path (TensorRT's parse_from_file finds external data relative to it)."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    weight = numpy_helper.from_array(np.random.default_rng(0).standard_normal((8, 4)).astype(np.float32), "w")
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 4])], [weight])
+    path = tmp_path / "model.onnx"
+    onnx.save(helper.make_model(graph), str(path), save_as_external_data=True, location="model.onnx.data",
+              size_threshold=0)
+    assert (tmp_path / "model.onnx.data").is_file() and onnx_input_name(path) == "x"
+
+    class Parser:  # what TensorRT's parser needs from us: the path; it resolves the weights beside it
+        num_errors = 0
+
+        def parse_from_file(self, model: str) -> bool:
+            loaded = onnx.load(model)
+            return numpy_helper.to_array(loaded.graph.initializer[0]).shape == (8, 4)
+
+    parse_onnx(Parser(), path)
 
 
 def test_runtime_is_registered():
