@@ -55,9 +55,12 @@ export function init(panel) {
     else throw new ServiceError(0, "invalid_input", add ? "choose photos to add" : "choose photos or name a template");
     const json = typeof body === "string" ? { "Content-Type": "application/json" } : {};
     const out = await call("POST", `gallery/${path(id)}?${query}`, { body, headers: { ...headers(), ...json } });
+    enrolPhotos = []; // the next enrolment chooses its own photos (or a template)
+    $("enrol-photos").value = "";
+    $("enrol-chosen").textContent = "";
+    await refreshInfo(); // first, so the figures agree once the result is said
     said(`${add ? "Added to" : "Enrolled"} ${out.id}: fused from ${out.photos} photo${out.photos === 1 ? "" : "s"} `
       + `(${out.fusion}), quality ${fmt(out.quality)}; the gallery holds ${out.count}.`);
-    await refreshInfo();
   }
 
   function matchRow(match, result, onNotThis) {
@@ -65,7 +68,7 @@ export function init(panel) {
     return el("tr", {},
       el("td", {}, match.id),
       el("td", {}, fmt(match.similarity)),
-      el("td", {}, above ? "above threshold" : "below threshold"),
+      el("td", { class: "wide-only" }, above ? "above threshold" : "below threshold"),
       el("td", {}, el("button", { type: "button", onclick: onNotThis,
                                   "aria-label": `Not this person: ${match.id}` }, "Not this person")));
   }
@@ -77,7 +80,7 @@ export function init(panel) {
     const rows = result.matches.map((m) => matchRow(m, result, () => run(async () => {
       const out = await call("POST", `gallery/${path(m.id)}/negatives`, { body: formOf([probe]), headers: headers() });
       area.append(el("p", { role: "status" }, `Recorded: this probe is not ${out.id} (${out.negatives} negative`
-        + `${out.negatives === 1 ? "" : "s"}); it will not be identified as ${out.id} again.`));
+        + `${out.negatives === 1 ? "" : "s"}); faces closer to it than to ${out.id} will not be identified as ${out.id}.`));
     })));
     area.replaceChildren(
       el("p", { class: `decision ${cls}` }, say(result)),
@@ -85,7 +88,8 @@ export function init(panel) {
         + `probe quality ${fmt(result.quality)}.`),
       result.matches.length
         ? el("table", {}, el("caption", { class: "visually-hidden" }, "Top matches"),
-             el("thead", {}, el("tr", {}, ["Identity", "Similarity", "", ""].map((h) => el("th", { scope: "col" }, h)))),
+             el("thead", {}, el("tr", {}, ["Identity", "Similarity", "Against threshold", "Correction"].map((h, i) =>
+               el("th", { scope: "col", class: i === 2 ? "wide-only" : null }, h)))),
              el("tbody", {}, rows))
         : el("p", { class: "note bad" }, "No face found in the probe photo."));
   }
@@ -125,8 +129,8 @@ export function init(panel) {
   $("identity-delete").addEventListener("click", () => run(async () => {
     const id = valid($("enrol-id"), "identity id");
     await call("DELETE", `gallery/${path(id)}`, { headers: headers() });
-    said(`Deleted ${id} from the gallery.`);
     await refreshInfo();
+    said(`Deleted ${id} from the gallery.`);
   }));
   $("gallery-name").addEventListener("change", () => run(refreshInfo));
   return { refresh: () => run(refreshInfo) };

@@ -93,7 +93,7 @@ export function init(panel, errors) {
       ["Batch size", batchMean == null ? "no batches yet" : `mean ${batchMean.toFixed(2)} over ${batches} batches`],
       ["Batch sizes", spread || "–"],
       ["Faces embedded", String(sum(samples, "faceset_faces_embedded_total"))],
-      ["In flight", String(sum(samples, "faceset_requests_in_flight"))],
+      ["In flight", String(sum(samples, "faceset_requests_in_flight") - 1)], // less this poll's own request
     ]);
     last = now;
   }

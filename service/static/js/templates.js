@@ -1,5 +1,5 @@
 // Templates: photos or webcam frames streamed into one identity's CAFace template. Every frame carries a
-// frame id (a photo's from its name, size and date; a webcam frame's from this session and its number), and a
+// frame id (a photo's from its content; a webcam frame's from this session and its number), and a
 // retried frame keeps its id, so the service never counts it twice.
 import { call, formOf, path, ServiceError } from "./api.js";
 import { dropZone, el, errorsOf, fmt } from "./ui.js";
@@ -15,7 +15,13 @@ const REASONS = {
 const RETRIED = new Set([0, 429, 503]); // the network, overload, a brief outage: worth one more try
 const CAMERA_EVERY_MS = 800;
 
-const photoId = (file) => `photo:${file.name}:${file.size}:${file.lastModified}`.slice(0, 128);
+// A photo's id is its content's SHA-256 (the same photo picked again is the same frame); where the page is not
+// a secure context (plain http off localhost) the browser has no digest, and name, size and date stand in.
+async function photoId(file) {
+  if (!globalThis.crypto || !crypto.subtle) return `photo:${file.name}:${file.size}:${file.lastModified}`.slice(0, 128);
+  const digest = new Uint8Array(await crypto.subtle.digest("SHA-256", await file.arrayBuffer()));
+  return `sha256:${[...digest].map((b) => b.toString(16).padStart(2, "0")).join("")}`;
+}
 
 export function init(panel) {
   const run = errorsOf(panel);
@@ -42,7 +48,7 @@ export function init(panel) {
   }
 
   function reject(labels, rejected) {
-    for (const r of rejected) state.rejected.push(`${labels[r.index]}: ${r.reason} (${REASONS[r.reason] || r.reason})`);
+    for (const r of rejected) state.rejected.push(`${labels[r.index]}: ${r.reason}, ${REASONS[r.reason] || ""}`);
     const list = $("template-rejected");
     list.replaceChildren(...(state.rejected.length ? state.rejected.map((t) => el("li", {}, t))
                                                      : [el("li", { class: "muted" }, "none")]));
@@ -62,7 +68,9 @@ export function init(panel) {
     reject(labels, answer.rejected);
   }
 
-  dropZone($("template-photos"), (files) => run(() => send(files, files.map(photoId), files.map((f) => f.name))));
+  dropZone($("template-photos"), (files) => run(async () => {
+    await send(files, await Promise.all(files.map(photoId)), files.map((f) => f.name));
+  }));
 
   async function grab() {
     const video = $("camera");
@@ -108,7 +116,7 @@ export function init(panel) {
     $("camera").hidden = true;
     $("camera-start").disabled = false;
     $("camera-stop").disabled = true;
-    $("camera-note").textContent = state.frameNo ? `Webcam off after ${state.frameNo} frames.` : "";
+    $("camera-note").textContent = state.frameNo ? `Webcam off after ${state.frameNo} frame${state.frameNo === 1 ? "" : "s"}.` : "";
   }
 
   $("camera-start").addEventListener("click", () => run(async () => {

@@ -74,7 +74,7 @@ export function box(svg, [x1, y1, x2, y2], cls = "") {
 }
 
 export function landmarks(svg, points, side) {
-  for (const [x, y] of points) svg.append(el("svg:circle", { cx: x, cy: y, r: Math.max(1.5, side / 160) }));
+  for (const [x, y] of points) svg.append(el("svg:circle", { cx: x, cy: y, r: Math.max(1.5, side / 80) }));
 }
 
 // A [0, 1] value as a bar with its number (the number is the accessible text).

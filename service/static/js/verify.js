@@ -2,12 +2,12 @@
 import { call, formOf, model } from "./api.js";
 import { box, dropZone, el, errorsOf, fmt, photoWith, rate } from "./ui.js";
 
-// The similarity on a [-1, 1] scale with the threshold marked.
+// The similarity on a [0, 1] scale (below 0 shows as 0) with the threshold marked.
 function scale(similarity, threshold) {
-  const at = (x) => `${(((x + 1) / 2) * 100).toFixed(1)}%`;
+  const at = (x) => `${(Math.max(0, Math.min(1, x)) * 100).toFixed(1)}%`;
   return el("div", { class: "scale", role: "img",
                      "aria-label": `similarity ${fmt(similarity)}, threshold ${fmt(threshold)}` },
-            el("span", { class: "value", style: { width: at(Math.max(-1, similarity)) } }),
+            el("span", { class: "value", style: { width: at(similarity) } }),
             el("span", { class: "mark", style: { left: at(threshold) }, title: `threshold ${fmt(threshold)}` }));
 }
 
