@@ -51,7 +51,9 @@ def _camera_file(photo: Path, out: Path, frames: int = 10) -> Path:
 
 @pytest.fixture(scope="module")
 def server(redis_available, tmp_path_factory):
-    settings = make_settings(api_keys=[KEY], state_dir=tmp_path_factory.mktemp("state"), self_test_interval_s=3600)
+    # faces under 40 px are left out (default 20): a small face the detector finds can be shown as too small
+    settings = make_settings(api_keys=[KEY], state_dir=tmp_path_factory.mktemp("state"), self_test_interval_s=3600,
+                             min_face_size=40)
     with live_server(settings) as (url, _):
         yield url
     drop_keys(settings)
@@ -123,18 +125,25 @@ def test_faces_are_boxed_with_landmarks_and_quality_and_a_photo_without_one_says
     Image.fromarray(np.full((240, 320, 3), 128, np.uint8)).save(blank)  # a grey wall: no face
     broken = tmp_path / "broken.jpg"
     broken.write_bytes(b"this is not an image")  # not an image format: 415
-    page.set_input_files("#faces-input", [str(_lfw(lfw, name, i)), str(blank), str(broken)])
+    original = Image.open(_lfw(lfw, name, i))
+    small = tmp_path / "small.png"
+    original.resize((original.width * 3 // 10, original.height * 3 // 10), Image.LANCZOS).save(small)
+    blurred = tmp_path / "blurred.png"  # the same face at a sixth of its resolution, shown at the original size
+    original.resize((original.width // 6, original.height // 6), Image.LANCZOS).resize(original.size).save(blurred)
+    page.set_input_files("#faces-input", [str(_lfw(lfw, name, i)), str(blank), str(broken), str(small), str(blurred)])
     cards = page.locator("#faces-results article")
-    page.locator("#faces-results article:not([aria-busy])").nth(2).wait_for()  # all three answered
+    page.locator("#faces-results article:not([aria-busy])").nth(4).wait_for()  # all five answered
     face = cards.nth(0)
     assert face.locator("svg rect").count() >= 1
-    assert face.locator("svg circle").count() == 5 * face.locator("svg rect").count()  # five landmarks a face
+    assert face.locator("svg path.lm").count() == 5 * face.locator("svg rect").count()  # five landmarks a face
     assert re.search(r"Face 1\s+quality \d\.\d{3}", face.locator(".faces li").first.inner_text())
     face.locator(".faces li").first.hover()
     tip = face.locator(".faces li .tip").first
     assert tip.is_visible() and re.search(r"magnitude \d+\.\d+ · detection score [01]\.\d{3}", tip.inner_text())
     assert "No face found in this photo." in cards.nth(1).inner_text()
     assert re.search(r"unsupported_media_type: .+ \(HTTP 415\)", cards.nth(2).locator(".error").inner_text())
+    assert re.search(r"Too small: \d+ px across; the service leaves out faces under 40 px", cards.nth(3).inner_text())
+    assert re.search(r"Too poor: quality 0\.\d{3} is below the model's probe floor 0\.\d{3}", cards.nth(4).inner_text())
     _shot(page, "faces")
 
 

@@ -41,9 +41,9 @@ async function showPhoto(file, served, results) {
     const faces = answer.results[0].faces;
     const problems = faces.map((f) => faceProblem(f, served));
     const rects = [];
-    const photo = await photoWith(file, (svg, side) => faces.forEach((f, i) => {
+    const photo = await photoWith(file, (svg) => faces.forEach((f, i) => {
       rects.push(box(svg, f.bbox, problems[i] ? problems[i].cls : ""));
-      landmarks(svg, f.landmarks, side);
+      landmarks(svg, f.landmarks);
     }));
     const list = faces.length
       ? el("ul", { class: "faces" }, faces.map((f, i) => faceItem(f, i, rects[i], problems[i])))

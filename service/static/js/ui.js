@@ -63,7 +63,7 @@ export async function photoWith(file, draw = () => {}) {
   try { await img.decode(); } catch { /* undecodable here: the service's answer says why */ }
   const w = img.naturalWidth || 1, h = img.naturalHeight || 1;
   const svg = el("svg:svg", { viewBox: `0 0 ${w} ${h}`, "aria-hidden": "true", preserveAspectRatio: "none" });
-  draw(svg, Math.max(w, h));
+  draw(svg);
   return el("div", { class: "photo" }, img, svg);
 }
 
@@ -73,8 +73,9 @@ export function box(svg, [x1, y1, x2, y2], cls = "") {
   return rect;
 }
 
-export function landmarks(svg, points, side) {
-  for (const [x, y] of points) svg.append(el("svg:circle", { cx: x, cy: y, r: Math.max(1.5, side / 80) }));
+// Each landmark a zero-length round-capped stroke: a dot of the same screen size whatever the photo's scale.
+export function landmarks(svg, points) {
+  for (const [x, y] of points) svg.append(el("svg:path", { d: `M${x} ${y}h0`, class: "lm" }));
 }
 
 // A [0, 1] value as a bar with its number (the number is the accessible text).
