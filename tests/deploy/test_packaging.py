@@ -63,6 +63,8 @@ def test_the_base_wheel_is_the_service_and_its_models_without_training_or_torch(
     requires = Parser().parsestr(_metadata(wheel, "METADATA")).get_all("Requires-Dist")
     assert not [r for r in requires if r.split(";")[0].strip().lower().startswith(("torch", "faceset"))]
     assert "faceset = service.cli:main" in _metadata(wheel, "entry_points.txt")
+    console = {p.relative_to(REPO).as_posix() for p in (REPO / "service" / "static").rglob("*") if p.is_file()}
+    assert console and console <= set(wheel.namelist()), sorted(console - set(wheel.namelist()))  # GET / (package data)
 
 
 def test_an_installed_base_wheel_serves_its_own_models_and_keeps_state_in_the_users_folder(base_wheel, tmp_path):
