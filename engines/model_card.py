@@ -15,9 +15,12 @@ Conventions the fields rely on:
               channels in `input.channel_order`, layout NCHW (`engines.base.preprocess`).
   embedding   the raw network output f (not normalised): ‖f‖ is the magnitude, f/‖f‖ is compared
               by cosine. With `flip_tta`, f = f(image) + f(mirrored image).
-  quality     "magface_linear": q = clip((‖f‖ − low)/(high − low), 0, 1), only where calibration validated
-              the magnitude (`QualityCheck`: a MagFace-trained model whose error-versus-reject curve falls);
-              otherwise null, and nothing (bands, floors, the service) gates on quality.
+  quality     q = clip((s − low)/(high − low), 0, 1) of a per-face score s from a validated source
+              (engines.quality_sources): "magface_linear", s = ‖f‖ of a MagFace-trained model; "learned_head",
+              s = the output of the card's `quality_head` (a small network trained for this model on its style
+              statistics and magnitude). Only where calibration validated the source (`QualityCheck`: its
+              error-versus-reject curve falls); otherwise null, and nothing (bands, floors, the service) gates on
+              quality.
   calibration cosine thresholds of f/‖f‖ at given false accept rates (FAR), measured on data not
               used for training. Card version 2 adds, from the same hold-out: the open-set tail model
               (FPIR(t, N), `OpenSet`), FAR thresholds per pair-quality band (`QualityBand`) and the
@@ -111,9 +114,11 @@ class Magnitude(_Strict):
 
 
 class Quality(_Strict):
-    method: Literal["magface_linear"] = Field("magface_linear", description="q = clip((‖f‖ − low)/(high − low), 0, 1).")
-    low: float = Field(description="Magnitude that maps to quality 0.")
-    high: float = Field(description="Magnitude that maps to quality 1.")
+    method: Literal["magface_linear", "learned_head"] = Field("magface_linear", description="The score s: "
+                                                               "magface_linear ‖f‖, learned_head the card's "
+                                                               "quality_head output; q = clip((s − low)/(high − low), 0, 1).")
+    low: float = Field(description="Score that maps to quality 0.")
+    high: float = Field(description="Score that maps to quality 1.")
 
     @model_validator(mode="after")
     def _ordered(self) -> Quality:
@@ -126,14 +131,21 @@ class OpenSet(_Strict):
     """FPIR(t, N): the share of non-mated searches whose best score among N enrolled identities reaches t.
 
     Peaks over threshold: impostor cosines above u (a fraction `zeta` of them) follow a generalised
-    Pareto tail, P(s ≥ t) = zeta·(1 + xi·(t − u)/sigma)^(−1/xi) for t ≥ u; a search meets N of them,
-    FPIR(t, N) = 1 − (1 − P(s ≥ t))^N. Checked against measured maxima at `gallery_sizes`."""
+    Pareto tail, P(s ≥ t) = zeta·(1 + xi·(t − u)/sigma)^(−1/xi) for t ≥ u; a search of N identities amounts to
+    k(N) = min(N, theta·N^exponent) independent comparisons, FPIR(t, N) = 1 − (1 − P(s ≥ t))^k(N)
+    (engines.open_set; theta = exponent = 1 is independence, as cards calibrated before that fit assume).
+    Checked against measured maxima at `gallery_sizes`."""
 
     model: Literal["gpd_tail"] = Field("gpd_tail", description="The tail model above.")
     u: float = Field(ge=-1, le=1, description="Cosine where the tail starts.")
     zeta: float = Field(gt=0, lt=1, description="Share of impostor scores above u.")
     xi: float = Field(description="GPD shape (negative: bounded tail).")
     sigma: float = Field(gt=0, description="GPD scale.")
+    theta: float = Field(1.0, gt=0, description="k(N) = min(N, theta·N^exponent): the independent comparisons a "
+                         "search of N identities amounts to (fitted to hold-out maxima).")
+    exponent: float = Field(1.0, gt=0, le=1.5, description="See theta.")
+    duplicates: int = Field(0, ge=0, description="Hold-out identity pairs taken for one person and left out of the "
+                            "impostors (mean cross cosine above the median genuine cosine).")
     fpir_range: list[float] = Field(min_length=2, max_length=2, description="[lowest, highest] FPIR served: "
                                     "the range checked against measured values.")
     gallery_sizes: list[int] = Field(min_length=1, description="The N at which measured FPIR was compared.")
@@ -169,7 +181,8 @@ class QualityCheck(_Strict):
     """An error-versus-reject check of a quality source on the calibration hold-out (engines.calibration): FNMR at
     FMR `fmr` (threshold set once on all pairs) after rejecting each fraction of the lowest-quality pairs."""
 
-    source: Literal["magnitude"] = Field(description="magnitude: ‖f‖ of a MagFace-trained model (the card's `magnitude`).")
+    source: Literal["magnitude", "learned_head"] = Field(description="magnitude: ‖f‖ of a MagFace-trained model (the "
+                                                         "card's `magnitude`); learned_head: the card's quality_head.")
     fmr: float = Field(gt=0, lt=1)
     reject: list[float] = Field(min_length=2, description="Fractions of the pairs rejected, lowest lower-quality first.")
     fnmr: list[float] = Field(min_length=2, description="FNMR of the kept genuine pairs at each fraction.")
@@ -243,6 +256,19 @@ class Parity(_Strict):
     style_min_cosine: float | None = Field(None, description="Smallest cosine between the style outputs, if any.")
 
 
+class QualityHead(_Strict):
+    """A per-face quality network trained for this model (training.caface.quality_head): ONNX inputs `style` (N, S),
+    the model's style output, and `magnitude` (N, 1), ‖f‖; output `score` (N, 1), its prediction of the face's
+    recognisability. A candidate quality source only: the card's quality uses it once calibration validated it."""
+
+    onnx: FileEntry = Field(description="The head's ONNX, beside the card.")
+    target: str = Field(description="What it was trained to predict, on which faces.")
+    data: str = Field(description="Training data (never the calibration hold-out or an evaluation set).")
+    validation: str = Field(description="Its agreement with the target on identities it was not trained on.")
+    parity_max_abs_diff: float = Field(ge=0, description="Largest |ONNX − torch| of the score on training faces.")
+    command: str | None = Field(None, description="The command that trained it.")
+
+
 class Provenance(_Strict):
     source: str = Field(description="Where the weights come from (checkpoint, upstream model, author).")
     source_sha256: str | None = Field(None, pattern=SHA256_PATTERN, description="sha256 of the source file.")
@@ -263,8 +289,10 @@ class ModelCard(_Strict):
     flip_tta: bool = Field(False, description="Add the mirrored face's embedding (engines.base.embed_aligned). "
                            "Magnitudes, quality and thresholds must have been measured the same way.")
     magnitude: Magnitude | None = Field(None, description="MagFace training range; null for non-MagFace models.")
-    quality: Quality | None = Field(None, description="Magnitude -> quality mapping, only where calibration validated "
+    quality: Quality | None = Field(None, description="Score -> quality mapping, only where calibration validated "
                                     "the source (calibration.quality_checks); null: the model has no quality.")
+    quality_head: QualityHead | None = Field(None, description="A learned per-face quality for this model: a "
+                                             "candidate source that calibration checks; null: none trained.")
     calibration: Calibration | None = Field(None, description="Verification thresholds; null until measured.")
     training: TrainingInfo | None = Field(None, description="How the weights were trained; null for imported models.")
     accuracy: list[Accuracy] = Field(default_factory=list, description="Measured accuracy.")
@@ -283,6 +311,9 @@ class ModelCard(_Strict):
             raise ValueError("calibration.quality_bands and floors need a quality (the card's quality is null)")
         if c is not None and c.quality_checks and self.quality is not None and not any(k.used for k in c.quality_checks):
             raise ValueError("quality is set but no calibration.quality_checks entry validated a source: it must be null")
+        if self.quality is not None and self.quality.method == "learned_head" and (
+                self.quality_head is None or self.outputs.style is None):
+            raise ValueError("quality.method learned_head needs the card's quality_head and its style output")
         return self
 
     @field_validator("version", mode="before")
@@ -309,7 +340,8 @@ class ModelCard(_Strict):
 
     def verify_files(self) -> None:
         """Check every listed file exists and has its sha256; ModelCardError names the first that does not."""
-        for key, entry in self.files:
+        head = [("quality_head.onnx", self.quality_head.onnx)] if self.quality_head else []
+        for key, entry in [*self.files, *head]:
             path = self.root / entry.path
             if not path.is_file():
                 raise ModelCardError(f"{path}: listed in the card as files.{key}, not found")
@@ -387,7 +419,13 @@ def fpir_at(open_set: OpenSet, threshold: float, n: int) -> float:
     if base <= 0:  # beyond a bounded tail's end
         return 0.0
     tail = open_set.zeta * (math.exp(-z) if open_set.xi == 0 else base ** (-1 / open_set.xi))
-    return -math.expm1(max(n, 1) * math.log1p(-tail))
+    return -math.expm1(comparisons(open_set, n) * math.log1p(-tail))
+
+
+def comparisons(open_set: OpenSet, n: int) -> float:
+    """k(N): how many independent comparisons a search of n identities amounts to (never more than n)."""
+    n = max(n, 1)
+    return min(float(n), open_set.theta * n ** open_set.exponent)
 
 
 def fpir_threshold(card: ModelCard, fpir: float, n: int) -> float:
@@ -404,7 +442,7 @@ def fpir_threshold(card: ModelCard, fpir: float, n: int) -> float:
 
 def tail_threshold(open_set: OpenSet, fpir: float, n: int) -> float:
     """The tail model's inverse: t with FPIR(t, n) = fpir (u where that lies below the tail's start)."""
-    p = -math.expm1(math.log1p(-fpir) / max(n, 1))  # per-comparison rate: 1 − (1 − fpir)^(1/N)
+    p = -math.expm1(math.log1p(-fpir) / comparisons(open_set, n))  # per comparison: 1 − (1 − fpir)^(1/k(N))
     if p >= open_set.zeta:  # below the tail's start the model does not apply: u is the stricter, safe choice
         return open_set.u
     xi, sigma = open_set.xi, open_set.sigma

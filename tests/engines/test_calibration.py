@@ -9,9 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from engines.calibration import (QUALITY_MIN_GAIN, calibrate, calibrate_floors, check_quality, nonmated_maxima,
-                                 pair_scores)
-from engines.model_card import ModelCard, Quality, fpir_at, tail_threshold
+from engines.calibration import QUALITY_MIN_GAIN, calibrate, calibrate_floors, check_quality, pair_scores
+from engines.model_card import ModelCard, Quality
 from tests.helpers import REPO
 
 
@@ -111,21 +110,6 @@ def test_check_quality_on_hand_made_pairs():
     # the wrong way round: rejecting the 'worst' drops good pairs (4 of them, then 8): FNMR 1/6, then 1/2
     reversed_ = check_quality("magnitude", genuine, impostor, 1 - gq, iq, fmr=0.05)
     assert reversed_.fnmr == pytest.approx([0.1, 1 / 6, 0.5]) and not reversed_.used
-
-
-def test_open_set_tail_predicts_measured_fpir_and_grows_with_n():
-    emb, labels = _identities()
-    card = calibrate(_card(), emb, labels, "synthetic")
-    open_set = card.calibration.open_set
-    assert card.card_version == 2 and open_set.gallery_sizes[-1] == 149  # every other identity
-    assert open_set.fpir_range[0] >= 0.001 and open_set.fpir_range[1] == 0.1
-    unit = emb / np.linalg.norm(emb, axis=1, keepdims=True)
-    maxima = nonmated_maxima(unit, labels, 149, 1, np.random.default_rng(1))
-    for fpir in (0.1, 0.03):
-        t = tail_threshold(open_set, fpir, 149)
-        assert 0.5 < np.mean(maxima >= t) / fpir < 2
-        assert np.isclose(fpir_at(open_set, t, 149), fpir)
-    assert tail_threshold(open_set, 0.01, 10) < tail_threshold(open_set, 0.01, 100) < tail_threshold(open_set, 0.01, 10_000)
 
 
 def test_quality_bands_and_floor_from_error_versus_quality():
