@@ -6,7 +6,6 @@ it is pointed at /usr/bin/chromium (.ci/run installs Debian's package where it i
 """
 from __future__ import annotations
 
-import io
 import os
 import re
 import shutil
@@ -26,7 +25,9 @@ SHOTS = REPO / "runs" / "console"
 WAIT_MS = 60_000  # a photo's round trip on 2 busy cores is about a second; leave room
 
 
-def _playwright():
+@pytest.fixture(scope="module")
+def playwright_api():
+    """Playwright's sync API, or a skip saying what is missing (before the server starts for nothing)."""
     os.environ.setdefault("PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD", "1")
     try:
         from playwright.sync_api import sync_playwright
@@ -50,7 +51,7 @@ def _camera_file(photo: Path, out: Path, frames: int = 10) -> Path:
 
 
 @pytest.fixture(scope="module")
-def server(redis_available, tmp_path_factory):
+def server(playwright_api, redis_available, tmp_path_factory):
     # faces under 40 px are left out (default 20): a small face the detector finds can be shown as too small
     settings = make_settings(api_keys=[KEY], state_dir=tmp_path_factory.mktemp("state"), self_test_interval_s=3600,
                              min_face_size=40)
@@ -60,14 +61,13 @@ def server(redis_available, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def page(server, lfw, data_dir, tmp_path_factory):
-    sync_playwright = _playwright()
+def page(playwright_api, server, lfw, data_dir, tmp_path_factory):
     shutil.rmtree(SHOTS, ignore_errors=True)
     SHOTS.mkdir(parents=True)
     print(f"\nconsole screenshots: {SHOTS}")
     name, i, _, _ = lfw_pairs(data_dir, True, 1)[0]  # the webcam shows a real face
     camera = _camera_file(_lfw(lfw, name, i), tmp_path_factory.mktemp("camera") / "face.y4m")
-    with sync_playwright() as p:
+    with playwright_api() as p:
         browser = p.chromium.launch(executable_path=str(CHROMIUM), args=[
             "--no-sandbox",  # CI runs as root
             "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",

@@ -56,7 +56,6 @@ export function init(panel) {
     const json = typeof body === "string" ? { "Content-Type": "application/json" } : {};
     const out = await call("POST", `gallery/${path(id)}?${query}`, { body, headers: { ...headers(), ...json } });
     enrolPhotos = []; // the next enrolment chooses its own photos (or a template)
-    $("enrol-photos").value = "";
     $("enrol-chosen").textContent = "";
     await refreshInfo(); // first, so the figures agree once the result is said
     said(`${add ? "Added to" : "Enrolled"} ${out.id}: fused from ${out.photos} photo${out.photos === 1 ? "" : "s"} `

@@ -45,7 +45,11 @@ export function errorsOf(panel) {
 // A file input inside a label.drop: picking (keyboard or pointer) and dropping both call onFiles(File[]).
 export function dropZone(input, onFiles) {
   const zone = input.closest(".drop");
-  input.addEventListener("change", () => { if (input.files.length) onFiles([...input.files]); });
+  input.addEventListener("change", () => {
+    const files = [...input.files];
+    input.value = ""; // picking the same file again is a new choice
+    if (files.length) onFiles(files);
+  });
   zone.addEventListener("dragover", (e) => { e.preventDefault(); zone.classList.add("over"); });
   zone.addEventListener("dragleave", () => zone.classList.remove("over"));
   zone.addEventListener("drop", (e) => {
