@@ -23,6 +23,12 @@ class TrainingSettings(BaseSettings):
     )
     runs_dir: Path = Field(default=_REPO / "runs", description="Where training runs write checkpoints and logs. FACESET_RUNS_DIR.")
     num_threads: int = Field(default=0, description="torch intra-op threads; 0 keeps torch's default. FACESET_NUM_THREADS.")
+    dist_timeout_s: float = Field(
+        default=7200.0, gt=0,
+        description="How long a DDP collective waits for the other ranks before the run aborts (NCCL's default, "
+        "10 minutes, is shorter than rank 0 aligning a data set or evaluating while the others wait); a hung rank "
+        "is noticed only after this. FACESET_DIST_TIMEOUT_S.",
+    )
 
 
     def base_dir(self, base: str) -> Path:

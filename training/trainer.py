@@ -13,6 +13,7 @@ import logging
 import math
 import os
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -45,17 +46,26 @@ from training.sync_bn import convert_sync_bn
 log = logging.getLogger("faceset.train")
 
 
-def init_distributed() -> torch.device:
-    """Join the torchrun process group when launched by torchrun; pick this rank's device."""
+def process_group_options(device: torch.device, timeout_s: float) -> dict:
+    """init_process_group's arguments: nccl bound to this rank's GPU (device_id), gloo on CPU; both with an
+    explicit timeout, since ranks wait on rank 0's data alignment and evaluation longer than NCCL's default."""
+    options = {"backend": "gloo", "timeout": timedelta(seconds=timeout_s)}
+    if device.type == "cuda":
+        options.update(backend="nccl", device_id=device)
+    return options
+
+
+def init_distributed(settings: TrainingSettings | None = None) -> torch.device:
+    """Pick this rank's device, make it current, then join the torchrun process group (when launched by
+    torchrun): NCCL binds its communicator to the current device, so the order matters."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    cuda = torch.cuda.is_available()
+    device = torch.device("cpu")
+    if torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
     if world > 1 and not tdist.is_initialized():
-        tdist.init_process_group(backend="nccl" if cuda else "gloo")
-    if cuda:
-        local = int(os.environ.get("LOCAL_RANK", "0"))
-        torch.cuda.set_device(local)
-        return torch.device("cuda", local)
-    return torch.device("cpu")
+        tdist.init_process_group(**process_group_options(device, (settings or get_settings()).dist_timeout_s))
+    return device
 
 
 def resolve(path: str | None, root: Path) -> Path | None:
@@ -69,7 +79,7 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, run_dir: Path, settings: TrainingSettings | None = None, device: torch.device | None = None) -> None:
         self.cfg, self.run_dir = cfg, Path(run_dir)
         self.settings = settings or get_settings()
-        self.device = device or init_distributed()
+        self.device = device or init_distributed(self.settings)
         torch.manual_seed(cfg.seed)
         self._prepare_data()
         self.dataset = build_train_dataset(cfg.data, self.settings.base_dir(cfg.data.base), seed=cfg.seed)

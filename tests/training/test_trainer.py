@@ -166,3 +166,23 @@ def test_raw_photos_are_aligned_before_training(tmp_path, data_dir):
     assert len(crops) >= 15  # 16 photos; the detector may miss one
     assert all(Image.open(c).size == (112, 112) for c in crops)
     assert len(_losses(tmp_path / "run")) == 1
+
+
+def test_process_group_options_bind_nccl_to_the_rank_gpu_with_an_explicit_timeout(monkeypatch):
+    from datetime import timedelta
+
+    from training.trainer import process_group_options
+
+    monkeypatch.setenv("FACESET_DIST_TIMEOUT_S", "5400")
+    timeout = TrainingSettings().dist_timeout_s
+    assert timeout == 5400 and TrainingSettings(dist_timeout_s=7200).dist_timeout_s > 600  # NCCL's default: 10 min
+    gpu = process_group_options(torch.device("cuda", 1), timeout)
+    assert gpu == {"backend": "nccl", "device_id": torch.device("cuda", 1), "timeout": timedelta(seconds=5400)}
+    cpu = process_group_options(torch.device("cpu"), timeout)
+    assert cpu == {"backend": "gloo", "timeout": timedelta(seconds=5400)}
+    # this torch's init_process_group takes them (gloo here; nccl needs GPUs)
+    torch.distributed.init_process_group(**cpu, init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    try:
+        assert torch.distributed.get_backend() == "gloo"
+    finally:
+        torch.distributed.destroy_process_group()

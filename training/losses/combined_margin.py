@@ -19,17 +19,22 @@ from training.losses.base import MarginSoftmaxLoss
 
 
 def combined_margin_target(cos_y: torch.Tensor, m1: float, m2, m3: float, easy_margin: bool = False) -> torch.Tensor:
-    """cos(m1·θ + m2) − m3 with the usual monotonic fallback; m2 may be a per-sample tensor."""
+    """cos(m1·θ + m2) − m3 with the usual monotonic fallback; m2 may be a per-sample tensor.
+
+    Computed in float32 at least and returned in cos_y's dtype: under autocast cos_y is float16 or bfloat16,
+    where 1 − 1e-7 rounds to 1, so the clamp would keep cos θ = 1 and acos's gradient there is −inf."""
+    dtype = cos_y.dtype
+    cos_y = cos_y.to(torch.promote_types(dtype, torch.float32))
     m2 = torch.as_tensor(m2, dtype=cos_y.dtype, device=cos_y.device)
     theta = torch.acos(cos_y.clamp(-1 + 1e-7, 1 - 1e-7))
     target = torch.cos(m1 * theta + m2) - m3
     if easy_margin:
-        return torch.where(cos_y > 0, target, cos_y - m3)
+        return torch.where(cos_y > 0, target, cos_y - m3).to(dtype)
     if m1 == 1.0:
         # beyond θ = π − m2 the margin would reward moving away from the center
         fallback = cos_y - m2 * torch.sin(m2) - m3
-        return torch.where(theta + m2 <= math.pi, target, fallback)
-    return target
+        target = torch.where(theta + m2 <= math.pi, target, fallback)
+    return target.to(dtype)
 
 
 @LOSSES.register("combined_margin")

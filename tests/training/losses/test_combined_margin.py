@@ -68,3 +68,23 @@ def test_registered_forms():
     arc, cos = LOSSES.build("arcface"), LOSSES.build("cosface")
     assert (arc.scale, arc.m1, arc.m2, arc.m3, arc.easy_margin) == (64.0, 1.0, 0.5, 0.0, False)
     assert (cos.scale, cos.m1, cos.m2, cos.m3) == (64.0, 1.0, 0.0, 0.35)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_arcface_gradient_stays_finite_under_half_precision_autocast(dtype):
+    """A sample that sits on its class center (cos θ_y = 1, as the head computes it in half precision under
+    autocast) gets a finite gradient; clamping in the half type itself (1 − 1e-7 rounds to 1) gives −inf."""
+    emb = torch.eye(4, 8, requires_grad=True)  # (B, D) unit rows; each is its class's weight: cos θ_y = 1 exactly
+    weight = torch.eye(4, 8)  # (C, D)
+    labels = torch.arange(4)
+    with torch.autocast("cpu", dtype=dtype):
+        cos = torch.nn.functional.linear(emb, weight)  # (B, C) in `dtype`
+        assert cos.dtype == dtype and bool((cos.diagonal() == 1).all())
+        out = LOSSES.build("arcface")(ClassLogits(cos=cos, labels=labels, global_labels=labels,
+                                                  class_ids=torch.arange(4), embeddings=emb))
+    out.loss.backward()
+    assert torch.isfinite(out.loss) and bool(torch.isfinite(emb.grad).all())
+
+    cos_y = torch.ones(4, dtype=dtype, requires_grad=True)
+    torch.acos(cos_y.clamp(-1 + 1e-7, 1 - 1e-7).float()).sum().backward()  # the clamp in the half type
+    assert not bool(torch.isfinite(cos_y.grad).all())
