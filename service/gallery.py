@@ -30,7 +30,7 @@ from redis.exceptions import RedisError
 from service.decisions import Decision, check_enrolment, decide, search_rule
 from service.errors import Conflict, InvalidInput, NoFace, NotFound, Unavailable
 from service.faces import EmbedOptions, FaceService, StyledFace
-from service.gallery_index import GalleryIndex, SnapshotError, read_snapshot, write_snapshot
+from service.gallery_index import PLACEMENTS, GalleryIndex, SnapshotError, read_snapshot, write_snapshot
 from service.gallery_store import GalleryStore, Photos
 from service.inputs import Frame
 from service.schemas import Embedding
@@ -50,13 +50,15 @@ class IndexOptions:
     snapshot_dir: Path | None = None
     snapshot_min: int = 10_000
     snapshot_interval_s: float = 600.0
+    device: str = "cpu"  # where searches run: service.gallery_index.PLACEMENTS
 
     @classmethod
     def from_settings(cls, settings) -> IndexOptions:
         on = settings.gallery_snapshot_interval_s > 0
+        PLACEMENTS[settings.gallery_device]()  # a gpu gallery without faiss-gpu or a GPU stops the start here
         return cls(settings.gallery_exact_max, settings.gallery_probe,
                    settings.state_dir / "galleries" if on else None, settings.gallery_snapshot_min,
-                   settings.gallery_snapshot_interval_s)
+                   settings.gallery_snapshot_interval_s, settings.gallery_device)
 
 
 def veto(probe: np.ndarray, candidates: list[tuple[str, float]], negatives: dict[str, np.ndarray]) -> set[str]:
@@ -105,7 +107,7 @@ class GalleryService:
         idx = self.indexes.get(gallery)
         if idx is None:
             idx = self.indexes[gallery] = GalleryIndex(self.card.embedding_size, self.options.exact_max,
-                                                       self.options.probe)
+                                                       self.options.probe, self.options.device)
         arrived = idx.started
         async with idx.lock:
             if idx.done > arrived:

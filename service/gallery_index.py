@@ -13,6 +13,13 @@ after a removal from it gets a wrong code (about 0.7 % of them in our test), and
 
 Searches run in worker threads (one OpenMP thread each, so concurrent searches do not oversubscribe
 the cores) under the read side of a readers-writer lock; changes take its write side.
+
+Where searches run is a `Placement` (FACESET_GALLERY_DEVICE): "cpu", or "gpu" with faiss-gpu. The
+approximate index that changes are applied to always lives on the CPU (GPU indexes have no
+remove_ids); the placement searches a copy of it uploaded after each batch of changes, each build
+and each reload, so a removal or a re-enrolment takes the same path on either device (on the CPU the
+"copy" is the index itself). All GPU galleries of a process share one StandardGpuResources, made on
+first use: each one reserves scratch memory on the device.
 """
 from __future__ import annotations
 
@@ -73,11 +80,68 @@ class RWLock:
                 self._cond.notify_all()
 
 
+class GalleryDeviceError(RuntimeError):
+    """The gallery's device cannot be used here (no faiss-gpu, or no GPU)."""
+
+
+class Shared:
+    """One object per process, made by `factory` on first use (thread-safe), never before."""
+
+    def __init__(self, factory) -> None:
+        self._factory, self._value, self._lock = factory, None, threading.Lock()
+
+    def get(self):
+        with self._lock:
+            if self._value is None:
+                self._value = self._factory()
+            return self._value
+
+
+def _new_gpu_resources():
+    if not hasattr(faiss, "StandardGpuResources") or faiss.get_num_gpus() < 1:
+        raise GalleryDeviceError("FACESET_GALLERY_DEVICE=gpu needs faiss-gpu and a GPU (README, GPU)")
+    return faiss.StandardGpuResources()
+
+
+GPU_RESOURCES = Shared(_new_gpu_resources)  # every GPU gallery of the process: their scratch memory is reserved once
+
+
+class CpuPlacement:
+    """Searches on the CPU: the approximate index is searched where changes are applied to it."""
+
+    label = "cpu"
+
+    def knn(self, queries: np.ndarray, vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        return faiss.knn(queries, vectors, k, metric=faiss.METRIC_INNER_PRODUCT)  # (Q, k) each
+
+    def upload(self, index: faiss.Index) -> faiss.Index:
+        return index
+
+
+class GpuPlacement:
+    """Searches on a GPU: exact scans by faiss.knn_gpu, the approximate index as an uploaded copy."""
+
+    def __init__(self, device: int = 0) -> None:
+        self.device, self.label = device, f"gpu {device}"
+        GPU_RESOURCES.get()  # fail at start, not at the first search
+
+    def knn(self, queries: np.ndarray, vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        return faiss.knn_gpu(GPU_RESOURCES.get(), queries, vectors, k, metric=faiss.METRIC_INNER_PRODUCT,
+                             device=self.device)
+
+    def upload(self, index: faiss.Index) -> faiss.Index:
+        return faiss.index_cpu_to_gpu(GPU_RESOURCES.get(), self.device, index)
+
+
+PLACEMENTS = {"cpu": CpuPlacement, "gpu": GpuPlacement}
+
+
 class GalleryIndex:
     """The vectors of one gallery (row per slot), exact search, and the approximate index above `exact_max`."""
 
-    def __init__(self, dim: int, exact_max: int, probe: float) -> None:
+    def __init__(self, dim: int, exact_max: int, probe: float, device: str = "cpu") -> None:
         self.dim, self.exact_max, self.probe = dim, exact_max, probe
+        self.placement = PLACEMENTS[device]()
         self.entry, self.loaded = "0-0", False  # the last log entry applied
         self.lock = asyncio.Lock()  # one catch-up with Redis at a time (GalleryService.synced)
         self.started = self.done = 0  # catch-ups started and finished, to let concurrent searches share one
@@ -103,6 +167,7 @@ class GalleryIndex:
             if approx is not None:  # a snapshot's index probes as this replica is set to
                 ivf = faiss.extract_index_ivf(approx)
                 ivf.nprobe = max(1, math.ceil(self.probe * ivf.nlist))
+            self._upload()
             self.entry, self.loaded = entry, True
             self.generation += 1
 
@@ -116,6 +181,12 @@ class GalleryIndex:
                     self._remove(change.slot)
                 self.entry = change.entry
             self.changed = self.changed or bool(changes)
+            if changes:
+                self._upload()
+
+    def _upload(self) -> None:
+        """The copy searches use, taken after the approximate index changed (under the write lock)."""
+        self.searched = self.placement.upload(self.approx) if self.approx is not None else None
 
     def _put(self, slot: int, identity: str, vector: np.ndarray) -> None:
         row = self.rows.get(slot)
@@ -164,13 +235,13 @@ class GalleryIndex:
             if self.approx is not None and n > self.exact_max:
                 sims, rows = self._reranked(queries, k)
             else:
-                sims, rows = faiss.knn(queries, self.vectors[:n], k, metric=faiss.METRIC_INNER_PRODUCT)  # (Q, k)
+                sims, rows = self.placement.knn(queries, self.vectors[:n], k)  # (Q, k)
             return [[(self.names[int(self.slots[r])], float(s)) for s, r in zip(row_s, row_r) if r >= 0]
                     for row_s, row_r in zip(sims, rows)]
 
     def _reranked(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """The approximate index's shortlist per query, re-scored exactly: (sims, rows), each (Q, k)."""
-        _, found = self.approx.search(queries, RERANK * max(k, 10))  # (Q, S) slots, -1 past the end
+        _, found = self.searched.search(queries, RERANK * max(k, 10))  # (Q, S) slots, -1 past the end
         sims, rows = np.full((len(queries), k), -np.inf, np.float32), np.full((len(queries), k), -1, np.int64)
         for q, (query, slots) in enumerate(zip(queries, found)):
             cand = np.fromiter((self.rows[s] for s in slots.tolist() if s >= 0), np.int64)
@@ -208,12 +279,14 @@ class GalleryIndex:
                 rows = [self.rows[s] for s in now]
                 index.add_with_ids(self.vectors[rows], np.array(now, np.int64))
             self.approx, self.approx_size, self.rebuilt = index, n, True
+            self._upload()
 
     def describe(self) -> str:
+        where = self.placement.label
         if self.approx is not None and len(self) > self.exact_max:
             ivf = faiss.extract_index_ivf(self.approx)
-            return f"faiss IVF{ivf.nlist},SQ8 (cpu; {ivf.nprobe} lists probed), shortlist re-scored exactly"
-        return "faiss exact inner product (cpu)"
+            return f"faiss IVF{ivf.nlist},SQ8 ({where}; {ivf.nprobe} lists probed), shortlist re-scored exactly"
+        return f"faiss exact inner product ({where})"
 
 
 def new_approx(vectors: np.ndarray, slots: np.ndarray, probe: float) -> faiss.Index:

@@ -153,6 +153,11 @@ class Settings(BaseSettings):
         description="Share of the approximate index's lists each search scans. Lower: faster searches, more "
                     "missed neighbours. 0.25 keeps recall@10 at 0.99 on vectors distributed like real embeddings "
                     "(3.5x the exact scan's rate at 200,000); random unit vectors, with no structure, need 1.")
+    gallery_device: Literal["cpu", "gpu"] = Field(
+        default="cpu",
+        description="Where gallery searches run: gpu (faiss-gpu, the GPU install: README, GPU) searches on GPU 0, "
+                    "with one copy of the approximate index there re-uploaded after each batch of changes; the "
+                    "service refuses to start where faiss-gpu or the GPU is missing. cpu: faiss-cpu.")
     gallery_snapshot_min: int = Field(
         default=10_000, ge=0,
         description="Smallest gallery whose index a replica keeps a snapshot of in state_dir, so a cold replica "

@@ -1,0 +1,112 @@
+"""Where a gallery's searches run (service.gallery_index placements): the GPU path's logic on the CPU.
+
+The GPU placement searches a copy of the approximate index uploaded after every batch of changes; here a
+CPU clone stands in for that copy (it goes stale exactly as a GPU copy would unless it is re-uploaded), so
+removal and re-enrolment run through the same code as on a GPU.
+"""
+from __future__ import annotations
+
+import threading
+
+import faiss
+import numpy as np
+import pytest
+
+from service.gallery import IndexOptions
+from service.gallery_index import GPU_RESOURCES, PLACEMENTS, CpuPlacement, GalleryDeviceError, GalleryIndex, Shared
+from service.gallery_store import Change
+from service.settings import Settings
+
+DIM = 32
+
+
+class ClonePlacement(CpuPlacement):
+    """The GPU placement's shape with a CPU clone for the device copy."""
+
+    label = "clone"
+
+    def upload(self, index: faiss.Index) -> faiss.Index:
+        return faiss.clone_index(index)
+
+
+def unit(rng: np.random.Generator, n: int) -> np.ndarray:
+    v = rng.normal(size=(n, DIM)).astype(np.float32)
+    return v / np.linalg.norm(v, axis=1, keepdims=True)  # (n, D)
+
+
+def exact(vectors: dict[str, np.ndarray], queries: np.ndarray, k: int) -> list[list[str]]:
+    names = list(vectors)
+    sims = queries @ np.stack([vectors[n] for n in names]).T  # (Q, N)
+    return [[names[i] for i in np.argsort(-row)[:k]] for row in sims]
+
+
+@pytest.fixture
+def clone_index(monkeypatch) -> GalleryIndex:
+    monkeypatch.setitem(PLACEMENTS, "clone", ClonePlacement)
+    rng = np.random.default_rng(0)
+    idx = GalleryIndex(DIM, exact_max=100, probe=1.0, device="clone")
+    idx.load("1-0", np.arange(2000), [f"id{i}" for i in range(2000)], unit(rng, 2000))
+    idx.build()  # the approximate index, uploaded
+    return idx
+
+
+def test_removal_and_re_enrolment_reach_the_searched_copy(clone_index):
+    idx, rng = clone_index, np.random.default_rng(1)
+    assert idx.searched is not idx.approx and idx.describe().startswith("faiss IVF") and "(clone;" in idx.describe()
+    stale = idx.searched
+    held = {idx.names[s]: idx.vectors[r].copy() for s, r in idx.rows.items()}
+    moved = unit(rng, 50)
+    changes = [Change(f"2-{i}", "del", s, None, None) for i, s in enumerate(range(0, 300, 3))]  # removed
+    changes += [Change(f"3-{i}", "put", s, f"id{s}", moved[i]) for i, s in enumerate(range(1, 100, 2))]  # re-enrolled
+    changes += [Change(f"4-{i}", "put", 5000 + i, f"new{i}", v) for i, v in enumerate(unit(rng, 20))]  # added
+    idx.apply(changes)
+    for c in changes:
+        if c.op == "del":
+            held.pop(f"id{c.slot}")
+        else:
+            held[c.identity] = c.vector
+    assert idx.searched is not stale and idx.searched.ntotal == idx.approx.ntotal == len(held)
+    queries = np.concatenate([moved[:20], unit(rng, 20)])  # the re-enrolled faces, and strangers
+    found = idx.search_now(queries, 10)  # a removed slot in the copy would raise KeyError here
+    assert [[name for name, _ in row] for row in found] == exact(held, queries, 10)
+    assert [row[0][0] for row in found[:20]] == [f"id{s}" for s in range(1, 41, 2)]
+
+
+def test_a_copy_not_uploaded_again_would_miss_the_changes(clone_index):
+    """What the upload after apply() is for: the copy taken before a removal still finds the removed slot."""
+    idx = clone_index
+    stale, face = idx.searched, idx.vectors[idx.rows[7]].copy()
+    idx.apply([Change("2-0", "del", 7, None, None)])
+    assert stale.search(face[None], 1)[1][0, 0] == 7 and idx.searched.search(face[None], 1)[1][0, 0] != 7
+    assert "id7" not in [name for name, _ in idx.search_now(face[None], 10)[0]]
+
+
+def test_the_device_is_reported():
+    assert GalleryIndex(DIM, 100, 1.0).describe() == "faiss exact inner product (cpu)"
+
+
+def test_gpu_resources_are_made_once_per_process_on_first_use():
+    made = []
+    shared = Shared(lambda: made.append(object()) or made[-1])
+    assert made == []  # nothing before the first use
+    got = []
+    threads = [threading.Thread(target=lambda: got.append(shared.get())) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(made) == 1 and all(g is made[0] for g in got)
+    GalleryIndex(DIM, 100, 1.0)
+    assert GPU_RESOURCES._value is None or hasattr(faiss, "StandardGpuResources")  # a CPU gallery makes none
+
+
+def test_the_gpu_device_is_refused_at_start_without_faiss_gpu_or_a_gpu():
+    settings = Settings(gallery_device="gpu")
+    if hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0:
+        assert IndexOptions.from_settings(settings).device == "gpu"
+        assert GalleryIndex(DIM, 100, 1.0, "gpu").describe() == "faiss exact inner product (gpu 0)"
+        return
+    with pytest.raises(GalleryDeviceError, match="faiss-gpu"):
+        IndexOptions.from_settings(settings)
+    with pytest.raises(GalleryDeviceError):
+        GalleryIndex(DIM, 100, 1.0, "gpu")
