@@ -116,7 +116,8 @@ def test_without_the_key_the_services_error_is_shown_with_its_code(page, lfw):
     assert re.search(r"unauthorized: missing X-API-Key header \(HTTP 401\)", error.inner_text())
     page.fill("#api-key", KEY)
     page.click("text=Use key")
-    assert page.evaluate("sessionStorage.getItem('faceset.apiKey')") == KEY
+    assert page.evaluate("() => sessionStorage.getItem('faceset.apiKey')") == KEY
+    assert page.evaluate("() => localStorage.length") == 0 and page.context.cookies() == []  # the tab's session only
 
 
 def test_faces_are_boxed_with_landmarks_and_quality_and_a_photo_without_one_says_so(page, lfw, data_dir, tmp_path):
