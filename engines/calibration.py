@@ -6,18 +6,20 @@ aligned crops straight to the engine (`aligned=True`). Every pair of faces is sc
 other identities = impostor (all-vs-all). The threshold at FAR f is the lowest cosine accepting at most
 ⌊f·impostors⌋ impostor pairs (engines.error_rates.threshold_at_far).
 
-Quality, honestly. A card reports quality only from a validated source: the magnitude ‖f‖ of a MagFace-trained
-model (the card's `magnitude` section says it was trained so). The source is checked on the same pairs by an
-error-versus-reject curve (engines.error_rates, threshold at FMR 1e-3 set once on all pairs, the operating point
-the floors use): FNMR with 0, 10 and 20 % of the lowest-quality pairs (by the pair's lower ‖f‖) rejected. It is
-used only when rejecting 20 % lowers FNMR by at least QUALITY_MIN_GAIN (relative), and the curve is recorded in
-the card either way (`Calibration.quality_checks`). Otherwise the card's `quality` is null: no quality bands,
-no floors, and the service reports `quality: null` and gates nothing on it.
+Quality, honestly. A card reports quality only from a validated source (engines.quality_sources): the magnitude
+‖f‖ of a MagFace-trained model (the card's `magnitude` section says it was trained so), or the card's learned
+quality head (`quality_head`, fed the faces' style statistics: photos and aligned crops, not cached embeddings).
+Each source the card offers is checked on the same pairs by an error-versus-reject curve (engines.error_rates,
+threshold at FMR 1e-3 set once on all pairs, the operating point the floors use): FNMR with 0, 10 and 20 % of
+the lowest-quality pairs (by the pair's lower score) rejected. A source is used only when rejecting 20 % lowers
+FNMR by at least QUALITY_MIN_GAIN (relative); of two that pass, the one with the lower FNMR at 20 %. Every curve
+is recorded in the card (`Calibration.quality_checks`). Otherwise the card's `quality` is null: no quality
+bands, no floors, and the service reports `quality: null` and gates nothing on it.
 
-A validated card without a quality mapping gets one (magnitudes mapped linearly between their 1st and 99th
-percentiles on the same faces); a card that has one keeps it (unless `set_quality`): the mapping is part of the
-model, not of its calibration (stored gallery and template qualities, and the CAFace fusion model trained on it,
-depend on it).
+A validated card without a quality mapping of that source gets one (scores mapped linearly between their 1st
+and 99th percentiles on the same faces); a card that has one keeps it (unless `set_quality`): the mapping is part
+of the model, not of its calibration (stored gallery and template qualities, and the CAFace fusion model trained
+on it, depend on it).
 
 Card version 2 adds, from the same faces (ModelCard's OpenSet, QualityBand, QualityFloors):
   open set   a generalised Pareto tail fitted to the impostor cosines above their (1 − zeta) quantile
@@ -39,11 +41,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from engines.base import build_engine, embed_aligned
+from engines.base import EMBEDDING, STYLE, build_engine, run_aligned
 from engines.error_rates import error_versus_reject, threshold_at_far
 from engines.holdout import list_identities
 from engines.model_card import (Calibration, ModelCard, OpenSet, Quality, QualityBand, QualityCheck, QualityFloors,
-                                fpir_at, quality_from_magnitude, tail_threshold)
+                                fpir_at, tail_threshold)
+from engines.quality_sources import QUALITY_SOURCES, candidates, mapped, mapping
 
 DEFAULT_FARS = (1e-2, 1e-3, 1e-4)
 CHECK_FPIRS = (0.1, 0.03, 0.01, 0.003, 0.001)
@@ -59,37 +62,49 @@ QUALITY_MIN_GAIN = 0.1
 # ---- embeddings of a hold-out tree ----------------------------------------------------------------------------------
 
 
-def embed_aligned_tree(card: ModelCard, root: Path, threads: int = 0, batch: int = 64) -> tuple[np.ndarray, np.ndarray]:
-    """Raw embeddings (N, D) and integer identity labels (N,) of every aligned crop under root/<identity>/."""
+def _stacked(rows: list[dict[str, np.ndarray]], card: ModelCard) -> tuple[np.ndarray, np.ndarray | None]:
+    """(raw embeddings (N, D), style statistics (N, S) or None) of per-batch engine outputs."""
+    emb = np.concatenate([np.zeros((0, card.embedding_size), np.float32), *(r[EMBEDDING] for r in rows)])
+    style = [r[STYLE] for r in rows if STYLE in r]
+    return emb, (np.concatenate(style) if style and len(style) == len(rows) else None)
+
+
+def embed_aligned_tree(card: ModelCard, root: Path, threads: int = 0,
+                       batch: int = 64) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Raw embeddings (N, D), integer identity labels (N,) and style statistics (N, S; None without a style
+    output) of every aligned crop under root/<identity>/."""
     engine = build_engine("onnxruntime", card=card, intra_op_threads=threads)
     paths = [(p, label) for label, (_, ps) in enumerate(sorted(list_identities(root).items())) for p in ps]
-    out = [np.zeros((0, card.embedding_size), np.float32)]
+    out = []
     for i in range(0, len(paths), batch):
         faces = np.stack([np.asarray(Image.open(p).convert("RGB")) for p, _ in paths[i : i + batch]])
-        out.append(embed_aligned(engine, card, faces))
-    return np.concatenate(out), np.array([label for _, label in paths], dtype=np.int64)
+        out.append(run_aligned(engine, card, faces))
+    emb, style = _stacked(out, card)
+    return emb, np.array([label for _, label in paths], dtype=np.int64), style
 
 
 def embed_photo_tree(card: ModelCard, root: Path, threads: int = 0,
-                     detect_max_side: int = 1280) -> tuple[np.ndarray, np.ndarray, int]:
-    """(raw embeddings, labels, photos without a face) of the largest face of every photo under root/<identity>/,
-    through the serving pipeline (the shipped MTCNN, alignment to the card's template, the card's engine)."""
+                     detect_max_side: int = 1280) -> tuple[np.ndarray, np.ndarray, int, np.ndarray | None]:
+    """(raw embeddings, labels, photos without a face, style statistics or None) of the largest face of every
+    photo under root/<identity>/, through the serving pipeline (the shipped MTCNN, alignment to the card's
+    template, the card's engine)."""
     from engines.detection import build_detector
     from engines.pipeline import FacePipeline
 
     pipeline = FacePipeline(build_detector("mtcnn", intra_op_threads=threads),
                             build_engine("onnxruntime", card=card, intra_op_threads=threads), card, detect_max_side)
-    emb, labels, missed = [], [], 0
+    out, labels, missed = [], [], 0
     for label, (_, paths) in enumerate(sorted(list_identities(root).items())):
         for p in paths:
-            faces = pipeline.run([np.asarray(Image.open(p).convert("RGB"))], max_faces=1)[0]
-            if not faces:
+            image = np.asarray(Image.open(p).convert("RGB"))
+            found = pipeline.detect(image, max_faces=1)
+            if not found:
                 missed += 1
                 continue
-            emb.append(faces[0].embedding * faces[0].magnitude)
+            out.append(run_aligned(pipeline.engine, card, pipeline.align(image, found)))
             labels.append(label)
-    emb = np.stack(emb) if emb else np.zeros((0, card.embedding_size), np.float32)
-    return emb, np.unique(labels, return_inverse=True)[1] if labels else np.zeros(0, np.int64), missed
+    emb, style = _stacked(out, card)
+    return emb, np.unique(labels, return_inverse=True)[1] if labels else np.zeros(0, np.int64), missed, style
 
 
 # ---- pairs ----------------------------------------------------------------------------------------------------------
@@ -125,21 +140,25 @@ def check_quality(source: str, genuine: np.ndarray, impostor: np.ndarray, gq: np
                         genuine_pairs=int(genuine.size), impostor_pairs=int(impostor.size), used=used)
 
 
-def validated_quality(card: ModelCard, norms: np.ndarray, genuine: np.ndarray, impostor: np.ndarray,
-                      genuine_norm: np.ndarray, impostor_norm: np.ndarray,
-                      set_quality: bool = False) -> tuple[Quality | None, list[QualityCheck]]:
-    """(the card's quality mapping or None, the checks made), from the faces' magnitudes `norms` and the pairs'
-    lower magnitudes: only a MagFace-trained model's magnitude is a candidate (a plain model's norm was never
-    trained to mean anything); its mapping is the card's own unless there is none or `set_quality`."""
-    if card.magnitude is None:
-        return None, []
-    check = check_quality("magnitude", genuine, impostor, genuine_norm, impostor_norm)
-    if not check.used:
-        return None, [check]
-    if card.quality is not None and not set_quality:
-        return card.quality, [check]
-    low, high = np.percentile(norms, [1, 99])
-    return Quality(low=float(low), high=float(high)), [check]
+def validated_quality(card: ModelCard, emb: np.ndarray, labels: np.ndarray, scores: dict[str, np.ndarray],
+                      set_quality: bool = False) -> tuple[Quality | None, list[QualityCheck], tuple | None]:
+    """(the card's quality mapping or None, the checks made, the chosen source's pair scores (gs, is): each pair's
+    lower score) from the per-face scores of the candidate sources (engines.quality_sources.candidates: a plain
+    model's norm is none, it was never trained to mean anything). The mapping is the card's own where it maps the
+    chosen source, unless `set_quality`."""
+    checks, lower = [], {}
+    for source, s in scores.items():
+        genuine, impostor, gs, is_ = pair_scores(emb, labels, s)
+        checks.append(check_quality(source, genuine, impostor, gs, is_))
+        lower[source] = gs, is_
+    passed = [c for c in checks if c.used]
+    if not passed:
+        return None, [c.model_copy(update=dict(used=False)) for c in checks], None
+    best = min(passed, key=lambda c: c.fnmr[-1])
+    checks = [c.model_copy(update=dict(used=c is best)) for c in checks]  # used: the card's source, only one
+    keep = card.quality is not None and card.quality.method == QUALITY_SOURCES.get(best.source).method
+    quality = card.quality if keep and not set_quality else mapping(best.source, scores[best.source])
+    return quality, checks, lower[best.source]
 
 
 # ---- open set, bands, floors ----------------------------------------------------------------------------------------
@@ -200,6 +219,8 @@ def calibrate_open_set(emb: np.ndarray, labels: np.ndarray, impostor: np.ndarray
 
 
 def calibrate_bands(genuine, impostor, gq, iq, fars=DEFAULT_FARS) -> list[QualityBand]:
+    """FAR thresholds per band of the pair's lower quality; none (the overall thresholds serve) where a band holds
+    too few impostor pairs to measure even the loosest FAR (a small hold-out)."""
     edges = [0.0, *(float(e) for e in np.quantile(iq, BAND_QUANTILES)), 1.0]
     bands = []
     for low, high in zip(edges[:-1], edges[1:]):
@@ -207,6 +228,8 @@ def calibrate_bands(genuine, impostor, gq, iq, fars=DEFAULT_FARS) -> list[Qualit
         g = (gq >= low) & ((gq <= high) if top else (gq < high))
         i = (iq >= low) & ((iq <= high) if top else (iq < high))
         thresholds = {float(f): float(threshold_at_far(impostor[i], f)) for f in fars if f * i.sum() >= 10}
+        if not thresholds:
+            return []
         bands.append(QualityBand(low=low, high=high, thresholds=thresholds, positive_pairs=int(g.sum()),
                                  negative_pairs=int(i.sum())))
     return bands
@@ -235,17 +258,17 @@ def calibrate_floors(genuine, gq, threshold: float, bins: int = 20, ratios=FLOOR
 
 def calibrate(card: ModelCard, emb: np.ndarray, labels: np.ndarray, dataset: str, fars=DEFAULT_FARS,
               method: str = "aligned hold-out crops through the card's engine (flip TTA as the card says)",
-              set_quality: bool = False, command: str | None = None) -> ModelCard:
+              set_quality: bool = False, command: str | None = None, style: np.ndarray | None = None) -> ModelCard:
     """The card with its calibration (and its quality: validated, else null) measured on raw embeddings (N, D) of
-    held-out identities `labels` (N,); `command`: the command line that asked for it, recorded."""
-    norms = np.linalg.norm(emb, axis=1)
-    genuine, impostor, genuine_norm, impostor_norm = pair_scores(emb, labels, norms)  # the pairs' lower ‖f‖
+    held-out identities `labels` (N,) and, for a learned quality head, their style statistics (N, S); `command`:
+    the command line that asked for it, recorded."""
+    genuine, impostor = pair_scores(emb, labels)
     thresholds = {float(f): float(threshold_at_far(impostor, f)) for f in fars if f * impostor.size >= 1}
-    quality, checks = validated_quality(card, norms, genuine, impostor, genuine_norm, impostor_norm, set_quality)
+    scores = candidates(card, {EMBEDDING: emb, STYLE: style})
+    quality, checks, lower = validated_quality(card, emb, labels, scores, set_quality)
     bands, floors = [], None
-    if quality is not None:  # the mapping is monotone: a pair's lower quality is its lower magnitude's
-        mapped = card.model_copy(update=dict(quality=quality))
-        gq, iq = quality_from_magnitude(mapped, genuine_norm), quality_from_magnitude(mapped, impostor_norm)
+    if quality is not None:  # the mapping is monotone: a pair's lower quality is its lower score's
+        gq, iq = mapped(quality, lower[0]), mapped(quality, lower[1])
         bands, floors = calibrate_bands(genuine, impostor, gq, iq, fars), calibrate_floors(genuine, gq, thresholds[1e-3])
     calibration = Calibration(
         thresholds=thresholds,
@@ -272,15 +295,15 @@ def calibrate_folder(card_path: Path, holdout: Path, dataset: str, aligned: bool
     aligned crops) and rewrite it atomically."""
     card = ModelCard.load(card_path)
     if aligned:
-        emb, labels = embed_aligned_tree(card, holdout, threads)
+        emb, labels, style = embed_aligned_tree(card, holdout, threads)
         method = "aligned hold-out crops through the card's engine (flip TTA as the card says)"
     else:
-        emb, labels, missed = embed_photo_tree(card, holdout, threads)
+        emb, labels, missed, style = embed_photo_tree(card, holdout, threads)
         method = (f"raw hold-out photos through the serving pipeline (MTCNN, alignment, the card's engine, flip TTA "
                   f"as the card says), the largest face of each ({missed} photos without a face left out)")
     if len(np.unique(labels)) < 3:
         raise ValueError(f"{holdout}: calibration needs faces of at least 3 identities, found {len(np.unique(labels))}")
-    card = calibrate(card, emb, labels, dataset, method=method, set_quality=set_quality, command=command)
+    card = calibrate(card, emb, labels, dataset, method=method, set_quality=set_quality, command=command, style=style)
     card.save(card_path)
     return card
 

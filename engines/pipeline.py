@@ -13,9 +13,10 @@ import cv2
 import numpy as np
 
 from engines.align import align, transform_points
-from engines.base import Engine, embed_aligned
+from engines.base import EMBEDDING, STYLE, Engine, embed_aligned, run_aligned
 from engines.detection import Detection, FaceDetector
-from engines.model_card import ModelCard, quality_from_magnitude
+from engines.model_card import ModelCard
+from engines.quality_sources import card_source, face_quality
 from engines.reference_landmarks import get_reference
 
 
@@ -26,7 +27,7 @@ class Face:
     detection_score: float
     embedding: np.ndarray  # (D,) float32, L2-normalised
     magnitude: float  # ‖f‖ of the raw embedding: MagFace's quality signal
-    quality: float | None  # magnitude mapped to [0, 1] through the model card (None: the card has no mapping)
+    quality: float | None  # the card's validated quality source mapped to [0, 1] (None: the card has no quality)
 
 
 class FacePipeline:
@@ -38,6 +39,7 @@ class FacePipeline:
         self.detector, self.engine, self.card = detector, engine, card
         self.reference, self.reference_size = get_reference(card.input.template)
         self.detect_max_side = detect_max_side
+        self.quality_source = card_source(card)  # built once: a learned head holds an ONNX session
 
     def detect(self, image: np.ndarray, max_faces: int | None = None, min_face_size: float = 0.0) -> list[Detection]:
         """Faces of an RGB uint8 photo, largest first, at least `min_face_size` px on the shorter box side.
@@ -80,14 +82,24 @@ class FacePipeline:
         """Every face of every photo; all crops go to the engine in one call."""
         detections = [self.detect(img, max_faces, min_face_size) for img in images]
         crops = [self.align(img, dets) for img, dets in zip(images, detections)]
-        raw = self.embed_crops(np.concatenate(crops) if crops else np.zeros((0,)))
-        return self.faces(detections, raw)
+        crops = np.concatenate(crops) if crops else np.zeros((0,))
+        if len(crops) == 0:
+            return self.faces(detections, self.embed_crops(crops))
+        out = run_aligned(self.engine, self.card, crops)  # the style too: a learned quality reads it
+        return self.faces(detections, out[EMBEDDING], out.get(STYLE))
 
-    def faces(self, detections: list[list[Detection]], raw: np.ndarray) -> list[list[Face]]:
-        """Faces from each photo's detections and the raw embeddings of their crops, in order."""
+    def quality(self, raw: np.ndarray, style: np.ndarray | None = None) -> np.ndarray | None:
+        """Per-face quality (N,) in [0, 1] from raw embeddings (and style statistics, for a learned head); None
+        where the card has no validated quality."""
+        return face_quality(self.card, {EMBEDDING: raw, STYLE: style}, self.quality_source)
+
+    def faces(self, detections: list[list[Detection]], raw: np.ndarray,
+              style: np.ndarray | None = None) -> list[list[Face]]:
+        """Faces from each photo's detections and the raw embeddings (and style statistics) of their crops, in order."""
         norms = np.linalg.norm(raw, axis=1)  # (N,)
         unit = raw / np.maximum(norms, 1e-12)[:, None]
-        quality = quality_from_magnitude(self.card, norms) if self.card.quality is not None else [None] * len(raw)
+        quality = self.quality(raw, style)
+        quality = [None] * len(raw) if quality is None else quality
         out, i = [], 0
         for dets in detections:
             faces = []

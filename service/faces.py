@@ -74,7 +74,7 @@ class FaceService:
         detections = [dets for dets, _ in found]
         raw, style = await self.infer(np.concatenate([crops for _, crops in found]))
         faces, i = [], 0
-        for fs in self.pipeline.faces(detections, raw):
+        for fs in self.pipeline.faces(detections, raw, style):
             faces.append([StyledFace(f, None if style is None else style[i + k]) for k, f in enumerate(fs)])
             i += len(fs)
         if options.min_quality > 0:
@@ -131,8 +131,8 @@ class FaceService:
         detections, crops = await run_in_threadpool(self.detect_align, side.data, f"image {label}", options)
         if not detections:
             raise NoFace(f"image {label}: no face found")
-        raw = await self.embed_crops(crops[:1])  # the largest face
-        face = self.pipeline.faces([detections[:1]], raw)[0][0]
+        raw, style = await self.infer(crops[:1])  # the largest face
+        face = self.pipeline.faces([detections[:1]], raw, style)[0][0]
         self.metrics.observe_faces([face.quality])
         return SideResult(face.embedding.astype(np.float64), face, len(detections))
 

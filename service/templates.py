@@ -16,7 +16,6 @@ import numpy as np
 from starlette.concurrency import run_in_threadpool
 
 from engines.fusion import FrameContribution, FusedTemplate, FusionModel
-from engines.model_card import quality_from_magnitude
 from service.decisions import quality_gate
 from service.errors import InvalidInput, NotFound, ServiceError
 from service.faces import EmbedOptions, FaceService
@@ -93,7 +92,7 @@ class TemplateService:
         floor = (default_min_quality if min_quality is None else min_quality) if self.card.quality else 0.0
         rejected: list[Rejection] = []
         raw, style, kept = await self._embed(frames, rejected)
-        quality = quality_from_magnitude(self.card, np.linalg.norm(raw, axis=1)) if floor else np.ones(len(raw))
+        quality = self.faces.pipeline.quality(raw, style) if floor else np.ones(len(raw))
         good = [i for i in range(len(kept)) if quality[i] >= floor]
         rejected += [Rejection(kept[i].index, "low_quality") for i in range(len(kept)) if quality[i] < floor]
         kept = [kept[i] for i in good]

@@ -373,6 +373,8 @@ def model_fuse(
     batch_sets: Annotated[int, typer.Option(help="sets per step")] = 64,
     eval_every: Annotated[int, typer.Option(help="every N-th identity with 2+ photos is kept out, for validation")] = 8,
     licence: Annotated[str | None, typer.Option(help="terms of the fusion model (default: not stated, the model's and data's apply)")] = None,
+    quality_head: Annotated[bool, typer.Option(help="also train the model's learned quality head on the same "
+                                                    "features (a candidate faceset model calibrate checks)")] = True,
     threads: Threads = 1,
 ) -> None:
     """Train and export the CAFace fusion model for a recognition model (the default model's trainer)."""
@@ -385,5 +387,34 @@ def model_fuse(
     _log()
     work = work or get_settings().runs_dir / f"fuse-{ModelCard.load(model).name}"
     card = fuse(model, data, work, out, _taps(taps), steps, batch_sets, eval_every, licence,
-                threads or os.cpu_count() or 1, _retyped(ctx))
+                threads or os.cpu_count() or 1, _retyped(ctx), quality_head)
     typer.echo(f"wrote {out or model / 'fusion'}: {card.name}, parity {card.parity}")
+
+
+@model_fuse_app.command("quality-head")
+def model_quality_head(
+    ctx: typer.Context,
+    model: Annotated[Path, typer.Argument(help="model card folder (with a style output, or one is tapped)")],
+    data: Annotated[Path, typer.Option(help="raw photos of training identities, a folder per person (never the "
+                                            "calibration hold-out or an evaluation set)")],
+    work: Annotated[Path | None, typer.Option(help="aligned crops and features (default FACESET_RUNS_DIR/fuse-NAME, "
+                                                   "shared with faceset model fuse)")] = None,
+    taps: Taps = None,
+    steps: Annotated[int, typer.Option(help="training steps of the head")] = 1500,
+    eval_every: Annotated[int, typer.Option(help="every N-th identity with 2+ photos is kept out, for its check")] = 8,
+    threads: Threads = 1,
+) -> None:
+    """Train a learned per-face quality for a recognition model (training.caface.quality_head); faceset model
+    calibrate then checks it and uses it only if it lowers FNMR."""
+    import os
+
+    from engines.model_card import ModelCard
+    from training.caface.fuse import quality_head
+    from training.settings import get_settings
+
+    _log()
+    work = work or get_settings().runs_dir / f"fuse-{ModelCard.load(model).name}"
+    card = quality_head(model, data, work, _taps(taps), steps, eval_every, threads or os.cpu_count() or 1,
+                        _retyped(ctx))
+    typer.echo(f"wrote {card.root / card.quality_head.onnx.path}: {card.quality_head.validation}; "
+               "run faceset model calibrate to check it")

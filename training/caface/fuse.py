@@ -9,7 +9,11 @@ The default model's recipe (training/recipes/caface.sh) in one call, for a model
 4. the same trainer as the default's (training.caface.train) with what the default's config fixes by
    hand read off these features instead (`fusion_config`);
 5. export with parity (training.caface.export) to DIR/fusion, the card naming the data and no licence
-   the user did not state.
+   the user did not state;
+6. (unless quality_head=False) a learned per-face quality for the model on the same features
+   (training.caface.quality_head), named in its card as a candidate that `faceset model calibrate` checks.
+
+`quality_head` alone runs steps 1-3 and 6: `faceset model quality-head DIR --data DIR`.
 
 Work files (aligned crops, features, checkpoints) go to WORK; every step resumes from them.
 """
@@ -28,6 +32,7 @@ from training.caface.export import export_fusion
 from training.caface.features import precompute
 from training.caface.loss import frame_quality_targets
 from training.caface.model import FusionArch
+from training.caface.quality_head import attach_quality_head
 from training.caface.sets import Features
 from training.caface.train import train
 from training.data.align_tool import align_folder
@@ -64,7 +69,8 @@ def fusion_config(card: ModelCard, features_path: Path, features: Features, step
                       frame_quality_range=frame_quality_percentiles(features))
     return CAFaceConfig(
         name=f"fuse-{card.name}", recognition_card=str(card.root),
-        magnitude_range=None if card.quality else magnitude_percentiles(features),
+        # a learned quality's range is of its head's scores, not of magnitudes
+        magnitude_range=None if card.quality and card.quality.method == "magface_linear" else magnitude_percentiles(features),
         features=FeatureFiles(train=str(features_path.resolve()), eval_every=eval_every, eval_protected=None),
         arch=arch, optim=OptimConfig(warmup_steps=min(100, steps // 10)), steps=steps, batch_sets=batch_sets,
         seed=seed, threads=threads, log_every=max(1, min(100, steps // 10)), checkpoint_every=min(500, steps))
@@ -85,10 +91,9 @@ def card_overrides(card: ModelCard, data: Path, features: Features, licence: str
     }
 
 
-def fuse(model_dir: Path, data: Path, work: Path, out: Path | None = None, taps: list[str] | None = None,
-         steps: int = 3000, batch_sets: int = 64, eval_every: int = 8, licence: str | None = None,
-         threads: int = 1, command: str | None = None) -> FusionCard:
-    """Steps 1-5 of the module docstring; returns the fusion card written to `out` (default model_dir/fusion)."""
+def model_features(model_dir: Path, data: Path, work: Path, taps: list[str] | None = None,
+                   threads: int = 1) -> tuple[ModelCard, Path]:
+    """Steps 1-3 of the module docstring: (the card, with its style output; the features file in work)."""
     card = ModelCard.load(model_dir)
     if card.outputs.style is None:
         card = add_style_taps(card, taps=taps)
@@ -97,9 +102,26 @@ def fuse(model_dir: Path, data: Path, work: Path, out: Path | None = None, taps:
         raise ValueError(f"{model_dir} already has the style output {card.outputs.style!r}; --taps would not be used")
     report = align_folder(data, work / "aligned", card.input.template, card.input.size, threads=threads)
     log.info("aligned %d photos (%d without a face)", report.aligned + report.skipped, report.no_face)
-    features_path = precompute(work / "aligned", work / "features.npz", model_dir, threads=threads)
+    return card, precompute(work / "aligned", work / "features.npz", model_dir, threads=threads)
+
+
+def fuse(model_dir: Path, data: Path, work: Path, out: Path | None = None, taps: list[str] | None = None,
+         steps: int = 3000, batch_sets: int = 64, eval_every: int = 8, licence: str | None = None,
+         threads: int = 1, command: str | None = None, quality_head: bool = True) -> FusionCard:
+    """Steps 1-6 of the module docstring; returns the fusion card written to `out` (default model_dir/fusion)."""
+    card, features_path = model_features(model_dir, data, work, taps, threads)
     features = Features.load(features_path)
     cfg = fusion_config(card, features_path, features, steps, batch_sets, eval_every, threads)
     checkpoint = train(cfg, work / "run")
-    return export_fusion(checkpoint, out or model_dir / "fusion", model_dir, f"{card.name}-caface", "1",
-                         features_path, command, card_overrides(card, data, features, licence))
+    fusion = export_fusion(checkpoint, out or model_dir / "fusion", model_dir, f"{card.name}-caface", "1",
+                           features_path, command, card_overrides(card, data, features, licence))
+    if quality_head:  # after the fusion: the head changes no file the fusion card pins (the recognition ONNX)
+        attach_quality_head(model_dir, features_path, str(data), eval_every, command=command)
+    return fusion
+
+
+def quality_head(model_dir: Path, data: Path, work: Path, taps: list[str] | None = None, steps: int = 1500,
+                 eval_every: int = 8, threads: int = 1, command: str | None = None) -> ModelCard:
+    """Steps 1-3 and 6 of the module docstring: the model's card with its learned quality head."""
+    _, features_path = model_features(model_dir, data, work, taps, threads)
+    return attach_quality_head(model_dir, features_path, str(data), eval_every, steps, command=command)

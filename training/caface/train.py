@@ -61,8 +61,8 @@ def magnitude_range(cfg: CAFaceConfig, card: ModelCard) -> tuple[float, float]:
     """(low, high) normalising magnitudes: the config's, else the recognition card's quality range."""
     if cfg.magnitude_range is not None:
         return cfg.magnitude_range
-    if card.quality is None:
-        raise ValueError(f"{card.name}: the card has no quality range to normalise magnitudes; set magnitude_range")
+    if card.quality is None or card.quality.method != "magface_linear":
+        raise ValueError(f"{card.name}: the card has no magnitude range to normalise magnitudes; set magnitude_range")
     return card.quality.low, card.quality.high
 
 
