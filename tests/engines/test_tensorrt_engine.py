@@ -213,3 +213,19 @@ def test_fp16_plan_returns_the_style_output_like_onnx_runtime(gpu, tmp_path):
     a, b = trt_engine.run(x), reference.run(x)
     assert trt_engine.outputs == reference.outputs and a["style"].shape == (11, 2 * sum(card.outputs.style_channels))
     assert cosines(a["embedding"], b["embedding"]).min() >= 0.999 and cosines(a["style"], b["style"]).min() >= 0.999
+
+
+@pytest.mark.gpu
+def test_a_plan_built_on_one_thread_runs_on_another(gpu, tiny_model, tmp_path):
+    """The batcher's thread is not the one that built the engine: the device is set there too (ThreadDevice)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from engines.base import embed_aligned
+    from engines.tensorrt_engine import TensorRTEngine
+
+    trt_engine = TensorRTEngine(tiny_model, max_batch_size=8, cache_dir=tmp_path)
+    crops = faces(5, seed=7)
+    here = embed_aligned(trt_engine, trt_engine.card, crops)
+    with ThreadPoolExecutor(1) as pool:
+        there = pool.submit(embed_aligned, trt_engine, trt_engine.card, crops).result()
+    np.testing.assert_allclose(there, here, rtol=1e-3, atol=1e-3)
