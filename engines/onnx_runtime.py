@@ -12,6 +12,7 @@ callers (InferenceSession.run is thread-safe). The engine returns every output t
 """
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Sequence
 
@@ -28,7 +29,18 @@ CUDA, CPU = "CUDAExecutionProvider", "CPUExecutionProvider"
 
 def default_providers() -> list[str]:
     """CUDA then CPU where this onnxruntime build has CUDA, else the CPU alone."""
-    return [CUDA, CPU] if CUDA in ort.get_available_providers() else [CPU]
+    if CUDA not in ort.get_available_providers():
+        return [CPU]
+    _preload_cuda()
+    return [CUDA, CPU]
+
+
+@functools.cache
+def _preload_cuda() -> None:
+    """The GPU install's CUDA and cuDNN are nvidia-* wheels, not on the loader's path: without loading them
+    first, the CUDA provider fails to load and sessions fall back to the CPU (ONNX Runtime ≥ 1.21)."""
+    if hasattr(ort, "preload_dlls"):
+        ort.preload_dlls()
 
 
 @ENGINES.register("onnxruntime")
