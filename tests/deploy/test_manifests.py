@@ -153,6 +153,9 @@ def test_compose_services_are_hardened_and_redis_needs_a_password_and_keeps_an_a
     assert '--requirepass "$$REDISCLI_AUTH"' in command
     assert redis["environment"]["REDISCLI_AUTH"].startswith("${FACESET_REDIS_PASSWORD:?")
     assert "redis-data:/data" in redis["volumes"]
+    redis_image = re.fullmatch(r"\$\{FACESET_REDIS_IMAGE:-(.+)\}", redis["image"]).group(1)
+    k8s_redis = yaml.safe_load((REPO / "k8s" / "base" / "kustomization.yaml").read_text())["images"][0]
+    assert DIGEST.match(redis_image) and redis_image.endswith(k8s_redis["digest"])  # one Redis, pinned alike
     for name in ("faceset", "faceset-gpu"):
         assert _compose_env(services[name])["FACESET_REDIS_URL"] == "redis://:${FACESET_REDIS_PASSWORD}@redis:6379/0"
 
