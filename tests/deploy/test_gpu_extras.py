@@ -2,8 +2,8 @@
 environment (constraints/gpu_stack.py), with the files of every wheel read from PyPI's zip directories.
 
 Network: one `pip install --dry-run --report` (PEP 658 metadata only, no wheel is downloaded; ~20-35 s
-here) and, on a cold cache, HTTP range reads of each wheel's zip directory (~1 MiB for the ~50 wheels,
-~8 s), cached by wheel file name under .cache/gpu-extras/.
+here) and, on a cold cache, HTTP range reads of each wheel's zip directory (0.3 MB for the 50 wheels,
+~6 s), cached by wheel file name under .cache/gpu-extras/.
 """
 from __future__ import annotations
 
