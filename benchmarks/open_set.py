@@ -2,6 +2,9 @@
 
     python benchmarks/open_set.py embed            # once: photos -> detect -> align -> embed, cached under runs/open_set/
     python benchmarks/open_set.py calibrate        # the card's FPIR tail model, quality floors and bands (hold-out only)
+    python benchmarks/open_set.py holdout-check    # the FPIR method fitted on half the hold-out, checked on the other
+    python benchmarks/open_set.py holdout-quality  # wrong identifications by probe quality on the hold-out
+    python benchmarks/open_set.py within-set       # probes and galleries from one set (one site's photos)
     python benchmarks/open_set.py evaluate         # lfw-dev, cfp-dev, celeba-299-kept: FPIR/FNIR, DET, negatives, /verify bands
 
 Sets (raw photos, the largest face of each, the card's flip TTA):
@@ -158,6 +161,28 @@ class Pool:
     enrolment: np.ndarray  # (people,) index of each person's enrolment photo among the probes
     gallery_unit: np.ndarray  # (G, D)
     scores: np.ndarray  # (P, G)
+    same: np.ndarray  # (people, G) the candidates taken for each person: their enrolment and, cleaned, duplicates
+
+
+def same_person(card, person: np.ndarray, scores: np.ndarray, enrolment: np.ndarray) -> np.ndarray:
+    """(people, G): gallery candidates taken for each evaluation person. Public sets of celebrities share people
+    (a cfp-dev or CelebA-299 person can also be a CelebA-10k distractor under another id), and a search that finds
+    them is not a stranger identified. The rule is the calibration's duplicate rule (engines.open_set): a person
+    with 2+ photos whose photos are on average closer to a candidate than the hold-out's median genuine pair is
+    (the threshold comes from the hold-out, not from these sets). A person with one photo cannot be told from a
+    lookalike, so their duplicates stay in (the safe side: they count as strangers identified)."""
+    from engines.calibration import pair_scores
+
+    hold, hold_labels, _ = faces("celeba-holdout")
+    median_genuine = float(np.median(pair_scores(hold.astype(np.float64), hold_labels)[0]))
+    people = len(enrolment)
+    onehot = np.zeros((len(person), people))
+    onehot[np.arange(len(person)), person] = 1
+    count = onehot.sum(0)
+    mean = (onehot.T @ scores) / count[:, None]
+    same = (mean > median_genuine) & (count[:, None] >= 2)
+    same[np.arange(people), np.arange(people)] = True  # each person's own enrolment (gallery column k)
+    return same
 
 
 def _unit_quality(card, emb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -167,7 +192,7 @@ def _unit_quality(card, emb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return (emb / norms[:, None]).astype(np.float32), quality_from_magnitude(card, norms)
 
 
-def build_pool(card) -> Pool:
+def build_pool(card, clean: bool = True) -> Pool:
     persons, sources, embs = [], [], []
     offset = 0
     for name in EVAL_SETS:
@@ -181,7 +206,9 @@ def build_pool(card) -> Pool:
     enrolment = np.array([np.flatnonzero(person == k)[0] for k in range(offset)])
     distractors = _unit_quality(card, np.concatenate([faces(n)[0] for n in DISTRACTOR_SETS]))[0]
     gallery = np.concatenate([unit[enrolment], distractors])
-    return Pool(person, np.array(sources), quality, unit, enrolment, gallery, unit @ gallery.T)
+    scores = unit @ gallery.T
+    same = same_person(card, person, scores, enrolment) if clean else np.eye(offset, len(gallery), dtype=bool)
+    return Pool(person, np.array(sources), quality, unit, enrolment, gallery, scores, same)
 
 
 def _decide_all(rule_at, ids, scores, qualities, gated: bool) -> np.ndarray:
@@ -220,15 +247,17 @@ def searches(pool: Pool, n: int, rng: np.random.Generator) -> dict[str, np.ndarr
     own = position[pool.probe_person]  # (P,) the person's column in this gallery, -1 if not enrolled
     rows = np.arange(len(sub))
     mated = (own >= 0) & ~np.isin(rows, pool.enrolment)
-    top = sub.argmax(1)
-    masked = sub.copy()
-    masked[rows[own >= 0], own[own >= 0]] = -np.inf
-    best = masked.argmax(1)
+    taken = pool.same[pool.probe_person][:, cols]  # (P, n) candidates taken for the probe's person
+    others = np.where(taken, -np.inf, sub)  # the gallery as a stranger to this person sees it
+    with_own = others.copy()
+    with_own[rows[own >= 0], own[own >= 0]] = sub[rows[own >= 0], own[own >= 0]]
+    top = with_own.argmax(1)
+    best = others.argmax(1)
     return dict(
-        mated_ids=np.stack([cols[top], pool.probe_person, np.full(len(rows), n)], 1)[mated],
-        mated_score=sub[rows, top][mated], mated_rows=rows[mated],
-        nonmated_ids=np.stack([cols[best], np.full(len(rows), -1), np.where(own >= 0, n - 1, n)], 1),
-        nonmated_score=masked[rows, best], nonmated_rows=rows)
+        mated_ids=np.stack([cols[top], pool.probe_person, n - taken.sum(1) + (own >= 0)], 1)[mated],
+        mated_score=with_own[rows, top][mated], mated_rows=rows[mated],
+        nonmated_ids=np.stack([cols[best], np.full(len(rows), -1), n - taken.sum(1)], 1),
+        nonmated_score=others[rows, best], nonmated_rows=rows)
 
 
 def evaluate_search(card, pool: Pool, seed: int = 0) -> tuple[list[dict], dict]:
@@ -396,21 +425,156 @@ def evaluate(out_dir: Path) -> None:
     print(f"pool: {len(pool.probe_person)} probe photos of {len(pool.enrolment)} people, {pool.scores.shape[1]} "
           f"gallery candidates; below the probe floor {below}; enrolment photos below the enrolment floor "
           f"{enrol_below:.3f}", flush=True)
+    overlap = {s: int(pool.same[np.unique(pool.probe_person[pool.probe_source == s])].sum()
+                      - len(np.unique(pool.probe_person[pool.probe_source == s]))) for s in EVAL_SETS}
+    print(f"candidates taken for the same person as an evaluation person (besides their enrolment): {overlap}")
     rows, det = evaluate_search(card, pool)
+    rows_uncleaned, _ = evaluate_search(card, build_pool(card, clean=False))
+    summary(rows, rows_uncleaned)
     equal = {t: at_equal_fpir(det, t) for t in (0.1, 0.01)}
     negatives = evaluate_negatives(card, pool)
     verify = evaluate_verify(card)
     plot_det(det, out_dir / "open_set_det.png")
     result = dict(seconds=round(time.time() - started, 1), below_probe_floor=below, enrolment_below_floor=enrol_below,
-                  search=rows, equal_fpir={str(t): {f"{n}/{'gated' if g else 'ungated'}": v for (n, g), v in e.items()}
+                  same_person_candidates=overlap, search=rows, search_uncleaned=rows_uncleaned, equal_fpir={str(t): {f"{n}/{'gated' if g else 'ungated'}": v for (n, g), v in e.items()}
                                            for t, e in equal.items()},
                   negatives=negatives, verify=verify)
     (out_dir / "open_set_results.json").write_text(json.dumps(result, indent=1))
     print(json.dumps({k: v for k, v in result.items() if k not in ("search", "verify")}, indent=1))
 
+def summary(rows: list[dict], uncleaned: list[dict]) -> None:
+    """Measured / requested FPIR and FNIR (all sets, floor on), cleaned of shared people and not."""
+    print("| N | requested FPIR | measured FPIR (ratio) | FNIR | without removing shared people: FPIR (ratio) |")
+    print("| --- | --- | --- | --- | --- |")
+    pick = lambda rs: {(r["n"], r["fpir"]): r for r in rs if r["gated"] and r["source"] == "all"}
+    a, b = pick(rows), pick(uncleaned)
+    for key in sorted(a):
+        r, u = a[key], b[key]
+        print(f"| {key[0]:,} | {key[1]:g} | {100 * r['measured_fpir']:.2f} % ({r['measured_fpir'] / key[1]:.2f}) | "
+              f"{100 * r['fnir']:.1f} % | {100 * u['measured_fpir']:.2f} % ({u['measured_fpir'] / key[1]:.2f}) |")
+
+
+def holdout_check(splits: int = 3, sizes=(10, 30, 100, 300), reps: int = 20) -> list[dict]:
+    """The calibration method on people it was not fitted on: engines.open_set fitted on half the hold-out's
+    identities, requested FPIR against measured on non-mated searches of galleries drawn from the other half
+    (its duplicate identities left out by the same rule), for several random halvings."""
+    from engines.model_card import tail_threshold
+    from engines.open_set import CHECK_FPIRS, calibrate_open_set, impostor_matrix, nonmated_maxima
+
+    emb, labels, _ = faces("celeba-holdout")
+    out = []
+    for split in range(splits):
+        ids = np.random.default_rng(split).permutation(labels.max() + 1)
+        fit = np.isin(labels, ids[: len(ids) // 2])
+        model = calibrate_open_set(emb[fit], np.unique(labels[fit], return_inverse=True)[1])
+        test_labels = np.unique(labels[~fit], return_inverse=True)[1]
+        unit = emb[~fit] / np.linalg.norm(emb[~fit], axis=1, keepdims=True)
+        imp, _ = impostor_matrix(unit, test_labels)
+        for n in (*sizes, int(test_labels.max())):
+            best = nonmated_maxima(imp, test_labels, n, reps, np.random.default_rng(100 + split))
+            for f in CHECK_FPIRS:
+                out.append(dict(split=split, n=n, fpir=f, searches=int(best.size), theta=model.theta,
+                                exponent=model.exponent,
+                                measured=float(np.mean(best >= tail_threshold(model, f, n)))))
+        print(f"split {split}: theta {model.theta:.3f}, exponent {model.exponent:.3f}", flush=True)
+    print("| N | searches | " + " | ".join(f"FPIR {f:g}: measured / requested" for f in CHECK_FPIRS) + " |")
+    for split in range(splits):
+        for n in sorted({r["n"] for r in out if r["split"] == split}):
+            cells = [r for r in out if r["split"] == split and r["n"] == n]
+            print(f"| {n} (half {split}) | {cells[0]['searches']:,} | "
+                  + " | ".join(f"{r['measured'] / r['fpir']:.2f}" if r["fpir"] * r["searches"] >= 5 else "–"
+                               for r in cells) + " |")  # under 5 expected events: no measurement
+    return out
+
+
+def holdout_quality(n: int = 300, draws: int = 30, bins: int = 10) -> list[dict]:
+    """Do low-quality probes make wrong identifications on the hold-out (the calibration's own people)? Galleries of
+    n hold-out identities (one random photo each), every other photo searching at the card's FPIR thresholds: by
+    probe-quality decile, mated probes identified as someone else, mated probes missed, non-mated probes identified."""
+    from engines.model_card import ModelCard, quality_from_magnitude, tail_threshold
+    from engines.open_set import impostor_matrix
+
+    card = ModelCard.load(CARD)
+    emb, labels, _ = faces("celeba-holdout")
+    quality = quality_from_magnitude(card, np.linalg.norm(emb, axis=1))
+    unit = emb / np.linalg.norm(emb, axis=1, keepdims=True)
+    imp, _ = impostor_matrix(unit, labels)  # NaN: same identity or a duplicate identity
+    sim = unit @ unit.T
+    rows = [np.flatnonzero(labels == c) for c in range(labels.max() + 1)]
+    out = []
+    for fpir in (0.1, 0.01):
+        t = tail_threshold(card.calibration.open_set, fpir, n)
+        rng = np.random.default_rng(0)
+        kept = {k: [] for k in ("wrong", "miss", "q_mated", "stranger", "q_nonmated")}
+        for _ in range(draws):
+            chosen = rng.choice(len(rows), n, replace=False)
+            photo = np.array([rng.choice(rows[c]) for c in chosen])
+            column = np.full(len(rows), -1)
+            column[chosen] = np.arange(n)
+            own = column[labels]
+            scores = np.where(np.isnan(imp[:, photo]), -np.inf, imp[:, photo])  # impostors only
+            mated = (own >= 0) & ~np.isin(np.arange(len(labels)), photo)
+            with_own = scores.copy()
+            with_own[mated, own[mated]] = sim[mated, photo[own[mated]]]
+            top, best = with_own.argmax(1), with_own.max(1)
+            kept["wrong"].append(((best >= t) & (top != own))[mated])
+            kept["miss"].append(~((best >= t) & (top == own))[mated])
+            kept["q_mated"].append(quality[mated])
+            kept["stranger"].append((scores.max(1) >= t)[own < 0])
+            kept["q_nonmated"].append(quality[own < 0])
+        k = {name: np.concatenate(v) for name, v in kept.items()}
+        edges = np.quantile(quality, np.linspace(0, 1, bins + 1))
+        edges[-1] += 1e-9
+        for lo, hi in zip(edges[:-1], edges[1:]):
+            m, s = (k["q_mated"] >= lo) & (k["q_mated"] < hi), (k["q_nonmated"] >= lo) & (k["q_nonmated"] < hi)
+            out.append(dict(fpir=fpir, n=n, low=float(lo), high=float(hi), mated=int(m.sum()), nonmated=int(s.sum()),
+                            mated_wrong=float(k["wrong"][m].mean()), mated_missed=float(k["miss"][m].mean()),
+                            nonmated_identified=float(k["stranger"][s].mean())))
+    print("| FPIR | probe quality | mated identified as someone else | mated missed | non-mated identified |")
+    print("| --- | --- | --- | --- | --- |")
+    for r in out:
+        print(f"| {r['fpir']:g} | [{r['low']:.2f}, {min(r['high'], 1):.2f}) | {100 * r['mated_wrong']:.2f} % | "
+              f"{100 * r['mated_missed']:.1f} % | {100 * r['nonmated_identified']:.2f} % |")
+    return out
+
+
+def within_set(sizes=(30, 100, 400), draws: int = 100) -> list[dict]:
+    """FPIR when probes and gallery come from one set (as at one site: one kind of camera and photo): each
+    evaluation set's non-mated probes against galleries of its own people's enrolment photos only."""
+    from engines.model_card import ModelCard, tail_threshold
+
+    card = ModelCard.load(CARD)
+    pool = build_pool(card)
+    people = len(pool.enrolment)
+    source = np.array([pool.probe_source[pool.probe_person == k][0] for k in range(people)])
+    out = []
+    for name in EVAL_SETS:
+        candidates, probes = np.flatnonzero(source == name), pool.probe_source == name
+        rng = np.random.default_rng(0)
+        for n in (n for n in sizes if n < len(candidates)):
+            hits = {f: 0 for f in FPIRS}
+            searches = 0
+            for _ in range(draws):
+                cols = rng.choice(candidates, n, replace=False)
+                taken = pool.same[pool.probe_person[probes]][:, cols]
+                best = np.where(taken, -np.inf, pool.scores[probes][:, cols]).max(1)
+                size = n - taken.sum(1)
+                searches += best.size
+                for f in FPIRS:
+                    hits[f] += int(np.sum(best >= np.array([tail_threshold(card.calibration.open_set, f, int(k))
+                                                            for k in size])))
+            out += [dict(set=name, n=n, fpir=f, searches=searches, identified=h) for f, h in hits.items()]
+    print("| set | N | " + " | ".join(f"FPIR {f:g}: measured (ratio)" for f in FPIRS) + " |")
+    for name, n in dict.fromkeys((r["set"], r["n"]) for r in out):
+        cells = [r for r in out if (r["set"], r["n"]) == (name, n)]
+        print(f"| {name} | {n} | " + " | ".join(f"{100 * r['identified'] / r['searches']:.2f} % "
+                                                 f"({r['identified'] / r['searches'] / r['fpir']:.2f})" for r in cells) + " |")
+    return out
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("step", choices=("embed", "calibrate", "evaluate"))
+    ap.add_argument("step", choices=("embed", "calibrate", "holdout-check", "holdout-quality", "within-set", "evaluate"))
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks", help="evaluate: where the JSON and the PNG go")
     ap.add_argument("--sets", nargs="*", default=list(SETS))
     ap.add_argument("--threads", type=int, default=1)
@@ -420,6 +584,21 @@ def main(argv=None) -> None:
             print(embed_set(name, args.threads), flush=True)
     elif args.step == "calibrate":
         calibrate_card()
+    elif args.step == "holdout-check":
+        import json
+
+        rows = holdout_check()
+        (args.out / "open_set_holdout_check.json").write_text(json.dumps(rows, indent=1))
+    elif args.step == "within-set":
+        import json
+
+        rows = within_set()
+        (args.out / "open_set_within_set.json").write_text(json.dumps(rows, indent=1))
+    elif args.step == "holdout-quality":
+        import json
+
+        rows = holdout_quality()
+        (args.out / "open_set_holdout_quality.json").write_text(json.dumps(rows, indent=1))
     else:
         evaluate(args.out)
 

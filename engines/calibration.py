@@ -22,10 +22,10 @@ of the model, not of its calibration (stored gallery and template qualities, and
 on it, depend on it).
 
 Card version 2 adds, from the same faces (ModelCard's OpenSet, QualityBand, QualityFloors):
-  open set   a generalised Pareto tail fitted to the impostor cosines above their (1 − zeta) quantile
-             gives FPIR(t, N) = 1 − (1 − P(s ≥ t))^N; it is checked against the measured best impostor
-             score of non-mated searches in galleries of N held-out identities (one photo each, drawn
-             at random; the largest N is every other identity).
+  open set   engines.open_set: a generalised Pareto tail of the impostor cosines and the number of
+             independent comparisons k(N) a search of N identities amounts to, fitted to the best impostor
+             score of non-mated searches in galleries of N held-out identities (one photo each, drawn at
+             random; the largest N is every other identity); FPIR(t, N) = 1 − (1 − P(s ≥ t))^k(N).
   bands      FAR thresholds per band of the pair's lower quality; the band edges are quantiles of the
              impostor pairs' lower quality (so every band holds enough impostors for FAR 1e-4).
   floors     genuine pairs binned by their lower quality (20 quantile bins); a bin errs when it fails the
@@ -44,12 +44,11 @@ from PIL import Image
 from engines.base import EMBEDDING, STYLE, build_engine, run_aligned
 from engines.error_rates import error_versus_reject, threshold_at_far
 from engines.holdout import list_identities
-from engines.model_card import (Calibration, ModelCard, OpenSet, Quality, QualityBand, QualityCheck, QualityFloors,
-                                fpir_at, tail_threshold)
+from engines.model_card import Calibration, ModelCard, Quality, QualityBand, QualityCheck, QualityFloors
+from engines.open_set import calibrate_open_set
 from engines.quality_sources import QUALITY_SOURCES, candidates, mapped, mapping
 
 DEFAULT_FARS = (1e-2, 1e-3, 1e-4)
-CHECK_FPIRS = (0.1, 0.03, 0.01, 0.003, 0.001)
 BAND_QUANTILES = (0.5, 0.8, 0.95)  # of the impostor pairs' lower quality
 FLOOR_RATIOS = (1.25, 1.5)  # probes, enrolments
 QUALITY_FMR = 1e-3
@@ -164,60 +163,6 @@ def validated_quality(card: ModelCard, emb: np.ndarray, labels: np.ndarray, scor
 # ---- open set, bands, floors ----------------------------------------------------------------------------------------
 
 
-def fit_tail(impostor: np.ndarray, zeta: float = 0.01) -> tuple[float, float, float]:
-    """(u, xi, sigma): a generalised Pareto fit (maximum likelihood) to the impostor scores above their 1 − zeta quantile."""
-    from scipy import stats
-
-    u = float(np.quantile(impostor, 1 - zeta))
-    xi, _, sigma = stats.genpareto.fit(impostor[impostor > u] - u, floc=0)
-    return u, float(xi), float(sigma)
-
-
-def nonmated_maxima(unit: np.ndarray, labels: np.ndarray, n: int, reps: int, rng: np.random.Generator) -> np.ndarray:
-    """Best score of non-mated searches against galleries of n identities (one random photo each); every probe
-    whose identity is not in the gallery searches it. n ≥ identities − 1: each probe against all other identities."""
-    rows = [np.flatnonzero(labels == c) for c in range(labels.max() + 1)]
-    out = []
-    for _ in range(1 if n >= len(rows) - 1 else reps):
-        enrolled = np.array([rng.choice(r) for r in rows])
-        sim = unit @ unit[enrolled].T  # (P, C)
-        sim[np.arange(len(labels)), labels] = -np.inf  # a probe is never searched against itself
-        if n >= len(rows) - 1:
-            out.append(sim.max(1))
-            continue
-        gallery = rng.choice(len(rows), n, replace=False)
-        out.append(sim[~np.isin(labels, gallery)][:, gallery].max(1))
-    return np.concatenate(out)
-
-
-def calibrate_open_set(emb: np.ndarray, labels: np.ndarray, impostor: np.ndarray, seed: int = 0,
-                       sizes=(10, 30, 100, 300), reps: int = 10) -> OpenSet:
-    u, xi, sigma = fit_tail(impostor)
-    unit = emb / np.linalg.norm(emb, axis=1, keepdims=True)
-    rng = np.random.default_rng(seed)
-    sizes = [n for n in sizes if n < labels.max()] + [int(labels.max())]
-    candidate = OpenSet(u=u, zeta=0.01, xi=xi, sigma=sigma, fpir_range=[0.5, 0.5], gallery_sizes=sizes, max_ratio=1,
-                        probes=1, method="")
-    checked, ratios, probes = [], [], 0
-    for n in sizes:
-        maxima = nonmated_maxima(unit, labels, n, reps, rng)
-        probes = maxima.size
-        for f in CHECK_FPIRS:
-            if f * maxima.size < 2:  # fewer than two expected events: nothing to check against
-                continue
-            t = tail_threshold(candidate, f, n)
-            measured = float(np.mean(maxima >= t))
-            predicted = fpir_at(candidate, t, n)
-            ratios.append(max(measured / predicted, predicted / max(measured, 1 / maxima.size)))
-            checked.append(f)
-    return candidate.model_copy(update=dict(
-        fpir_range=[min(checked), max(checked)], max_ratio=float(max(ratios)), probes=int(probes),
-        method=f"GPD (maximum likelihood) over the {impostor.size} all-vs-all impostor cosines above their "
-               f"99th percentile; FPIR(t, N) = 1 - (1 - P(s >= t))^N checked against non-mated searches of "
-               f"hold-out galleries of N identities (one random photo each; {reps} draws below the largest N) "
-               f"at FPIR {', '.join(f'{f:g}' for f in CHECK_FPIRS)}"))
-
-
 def calibrate_bands(genuine, impostor, gq, iq, fars=DEFAULT_FARS) -> list[QualityBand]:
     """FAR thresholds per band of the pair's lower quality; none (the overall thresholds serve) where a band holds
     too few impostor pairs to measure even the loosest FAR (a small hold-out)."""
@@ -277,7 +222,7 @@ def calibrate(card: ModelCard, emb: np.ndarray, labels: np.ndarray, dataset: str
         negative_pairs=int(impostor.size),
         method=f"{method}; all-vs-all pairs; threshold = lowest cosine accepting at most floor(FAR x impostor pairs) "
                "impostors; quality check, bands, floors and the open-set tail: engines/calibration.py",
-        open_set=calibrate_open_set(emb, labels, impostor),
+        open_set=calibrate_open_set(emb, labels),
         quality_checks=checks,
         quality_bands=bands,
         floors=floors,
