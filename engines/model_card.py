@@ -428,9 +428,10 @@ def comparisons(open_set: OpenSet, n: int) -> float:
     return min(float(n), open_set.theta * n ** open_set.exponent)
 
 
-def fpir_threshold(card: ModelCard, fpir: float, n: int) -> float:
-    """Cosine threshold at which a search in a gallery of n identities identifies a stranger with probability fpir."""
-    open_set = card.calibration.open_set if card.calibration else None
+def fpir_threshold(card: ModelCard, fpir: float, n: int, open_set: OpenSet | None = None) -> float:
+    """Cosine threshold at which a search in a gallery of n identities identifies a stranger with probability fpir,
+    by the card's FPIR model or `open_set` (the card's moved to a gallery: engines.open_set.adapt_to_gallery)."""
+    open_set = open_set or (card.calibration.open_set if card.calibration else None)
     if open_set is None:
         raise ModelCardError(f"model {card.name!r} has no FPIR calibration in its card (card version "
                              f"{card.card_version}); decide by FAR")

@@ -133,3 +133,28 @@ def calibrate_open_set(emb: np.ndarray, labels: np.ndarray, seed: int = 0, sizes
                f"at the empirical 1 - FPIR quantiles of the best scores of non-mated searches of hold-out galleries of N = {', '.join(map(str, sizes))} "
                f"identities (one random photo each; {reps} draws below the largest N); checked against those maxima at "
                f"FPIR {', '.join(f'{f:g}' for f in CHECK_FPIRS)} (engines/open_set.py)"))
+
+
+# ---- a gallery calibrates itself --------------------------------------------------------------------------------
+# The hold-out fixes the tail's shape; where the photos are, fixes where it starts. Impostor scores depend on the
+# photos as well as on the model (LFW photos score ~3x colder than the CelebA hold-out at the same threshold,
+# cfp-dev's hotter: benchmarks/RESULTS.md), and a gallery holds the photos of its site: every enrolled identity
+# against every other is a non-mated comparison of that site. So a gallery of enough identities moves the tail to
+# its own all-vs-all cosines: u at their 1 − zeta quantile, sigma from their mean excess over u (a GPD's mean
+# excess is sigma/(1 − xi)), keeping the card's xi and k(N) (a few thousand pairs place a tail, they do not
+# shape its far end).
+GALLERY_MIN_IDS = 200  # 19,900 pairs: ~200 above the 99th percentile to place the tail
+GALLERY_SAMPLE_IDS = 2000  # ~2M pairs: the quantile to 1e-3 of its spread, in ~0.1 s
+
+
+def adapt_to_gallery(prior: OpenSet, vectors: np.ndarray) -> OpenSet:
+    """The card's FPIR model moved to a gallery's own identities: `vectors` (n, D) unit embeddings of distinct
+    enrolled identities (a sample of the gallery)."""
+    v = np.asarray(vectors, np.float32)
+    cosines = (v @ v.T)[np.triu_indices(len(v), k=1)].astype(np.float64)
+    u = float(np.quantile(cosines, 1 - prior.zeta))
+    excess = cosines[cosines > u] - u
+    sigma = (1 - prior.xi) * float(excess.mean()) if excess.size else prior.sigma
+    return prior.model_copy(update=dict(u=u, sigma=sigma, method=(
+        f"the card's tail moved to {len(v)} of the gallery's identities ({cosines.size} pairs): u their "
+        f"{100 * (1 - prior.zeta):g}th percentile, sigma (1 - xi) x their mean excess; xi and k(N) the card's")))

@@ -14,7 +14,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from engines.model_card import ModelCard, ModelCardError, QualityBand, fpir_at, fpir_threshold, quality_band, resolve_far
+from engines.model_card import (ModelCard, ModelCardError, OpenSet, QualityBand, fpir_at, fpir_threshold, quality_band,
+                                resolve_far)
 from service.errors import InvalidInput, LowQuality
 
 Decision = Literal["identified", "unknown", "low_quality"]
@@ -29,14 +30,16 @@ class SearchRule:
 
 
 def search_rule(card: ModelCard, gallery_size: int, far: float | None, fpir: float | None,
-                default_far: float, default_fpir: float) -> SearchRule:
-    """The threshold of a search in a gallery of `gallery_size` identities; a 422 naming the supported range."""
+                default_far: float, default_fpir: float, open_set: OpenSet | None = None) -> SearchRule:
+    """The threshold of a search in a gallery of `gallery_size` identities, by the card's FPIR model or `open_set`
+    (the gallery's own: service.gallery); a 422 naming the supported range."""
     calibration = card.calibration
-    open_set = calibration.open_set if calibration else None
+    open_set = open_set or (calibration.open_set if calibration else None)
     if far is None and fpir is None:
         far, fpir = (None, default_fpir) if open_set else (default_far, None)
     try:
-        threshold = fpir_threshold(card, fpir, gallery_size) if fpir is not None else far_threshold(card, far)[1]
+        threshold = (fpir_threshold(card, fpir, gallery_size, open_set) if fpir is not None
+                     else far_threshold(card, far)[1])
     except ModelCardError as exc:
         raise InvalidInput(str(exc)) from None
     floors = calibration.floors if calibration else None

@@ -27,6 +27,8 @@ import faiss
 import numpy as np
 from redis.exceptions import RedisError
 
+from engines.model_card import OpenSet
+from engines.open_set import GALLERY_MIN_IDS, GALLERY_SAMPLE_IDS, adapt_to_gallery
 from service.decisions import Decision, check_enrolment, decide, search_rule
 from service.errors import Conflict, InvalidInput, NoFace, NotFound, Unavailable
 from service.faces import EmbedOptions, FaceService, StyledFace
@@ -51,6 +53,7 @@ class IndexOptions:
     snapshot_min: int = 10_000
     snapshot_interval_s: float = 600.0
     device: str = "cpu"  # where searches run: service.gallery_index.PLACEMENTS
+    calibration_min: int = GALLERY_MIN_IDS  # a gallery this large decides by its own FPIR calibration (0: never)
 
     @classmethod
     def from_settings(cls, settings) -> IndexOptions:
@@ -58,7 +61,7 @@ class IndexOptions:
         PLACEMENTS[settings.gallery_device]()  # a gpu gallery without faiss-gpu or a GPU stops the start here
         return cls(settings.gallery_exact_max, settings.gallery_probe,
                    settings.state_dir / "galleries" if on else None, settings.gallery_snapshot_min,
-                   settings.gallery_snapshot_interval_s, settings.gallery_device)
+                   settings.gallery_snapshot_interval_s, settings.gallery_device, settings.gallery_calibration_min)
 
 
 def veto(probe: np.ndarray, candidates: list[tuple[str, float]], negatives: dict[str, np.ndarray]) -> set[str]:
@@ -83,6 +86,7 @@ class SearchResult:
     gallery_size: int
     quality: float | None
     probe_floor: float | None  # None: quality gating is off for this model
+    fpir_calibration: str | None = None  # whose FPIR model set the threshold: "gallery", "model"; None: by FAR
 
 
 class GalleryService:
@@ -95,6 +99,7 @@ class GalleryService:
         self.pool = ThreadPoolExecutor(os.cpu_count() or 1, "gallery-search", faiss.omp_set_num_threads, (1,))
         self.builder = ThreadPoolExecutor(1, "gallery-build")  # approximate indexes, one at a time
         self._saved: dict[str, float] = {}  # gallery -> when its snapshot was last written
+        self._fitting: dict[str, asyncio.Lock] = {}  # gallery -> one FPIR calibration at a time on this replica
 
     def close(self) -> None:
         self.pool.shutdown(wait=False)
@@ -276,7 +281,9 @@ class GalleryService:
         `fpir` for the gallery's current size, or the (FAR, FPIR) defaults (`service.decisions.search_rule`)."""
         idx = await self.synced(gallery)
         n = len(idx)
-        rule = search_rule(self.card, n, far, fpir, *defaults)
+        open_set, whose = await self.open_set(gallery, idx) if far is None else (None, None)
+        rule = search_rule(self.card, n, far, fpir, *defaults, open_set=open_set)
+        whose = whose if rule.fpir is not None and far is None else None
         rows = [q for q in queries if q is not None]
         found = iter(await self.without_vetoed(gallery, rows, await idx.search(self.pool, np.stack(rows), top_k)) if rows else [])
         results = []
@@ -284,8 +291,33 @@ class GalleryService:
             matches = next(found) if q is not None else []
             decision, identified = decide(rule, matches, quality)
             results.append(SearchResult(matches, identified, rule.threshold, decision, rule.fpir, n, quality,
-                                        rule.probe_floor))
+                                        rule.probe_floor, whose))
         return results
+
+    async def open_set(self, gallery: str, idx: GalleryIndex) -> tuple[OpenSet | None, str]:
+        """(the FPIR model a search of this gallery decides by, "gallery" or "model"): the card's moved to the
+        gallery's own identities once it holds `calibration_min` of them (engines.open_set.adapt_to_gallery), else
+        the card's. The fit lives in Redis, so every replica decides alike; a replica refits it when the gallery
+        has changed size by more than a tenth since, or the model is another."""
+        prior = self.card.calibration.open_set if self.card.calibration else None
+        n, least = len(idx), self.options.calibration_min
+        if prior is None or not least or n < least:
+            return prior, "model"
+        stored = await self.store.calibration(gallery)
+        if not self._current(stored, n):
+            lock = self._fitting.setdefault(gallery, asyncio.Lock())
+            async with lock:
+                stored = await self.store.calibration(gallery)
+                if not self._current(stored, n):
+                    fitted = adapt_to_gallery(prior, await self._run(idx.sample, GALLERY_SAMPLE_IDS))
+                    stored = dict(model=f"{self.card.name} {self.card.version}", identities=n, u=fitted.u,
+                                  sigma=fitted.sigma, sampled=min(n, GALLERY_SAMPLE_IDS))
+                    await self.store.set_calibration(gallery, stored)
+        return prior.model_copy(update=dict(u=stored["u"], sigma=stored["sigma"])), "gallery"
+
+    def _current(self, stored: dict | None, n: int) -> bool:
+        return (stored is not None and stored.get("model") == f"{self.card.name} {self.card.version}"
+                and abs(n - stored["identities"]) <= 0.1 * stored["identities"])
 
     async def without_vetoed(self, gallery: str, probes: list[np.ndarray],
                              shortlists: list[list[tuple[str, float]]]) -> list[list[tuple[str, float]]]:

@@ -221,6 +221,13 @@ class GalleryIndex:
             self.pending.add(slot)
         self.deleted = True
 
+    def sample(self, n: int, seed: int = 0) -> np.ndarray:
+        """A copy of up to n of the gallery's vectors, drawn at random (the gallery's FPIR calibration)."""
+        with self.rw.read():
+            rows = len(self.rows)
+            pick = np.random.default_rng(seed).choice(rows, n, replace=False) if rows > n else np.arange(rows)
+            return self.vectors[np.sort(pick)].copy()
+
     async def search(self, pool: Executor, queries: np.ndarray, top_k: int) -> list[list[tuple[str, float]]]:
         """Best `top_k` (identity, cosine) per query row (Q, D), best first, computed in `pool`."""
         return await asyncio.get_running_loop().run_in_executor(pool, self.search_now, queries, top_k)

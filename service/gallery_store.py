@@ -26,6 +26,8 @@ them with the vector in the same script.
 """
 from __future__ import annotations
 
+import json
+
 from collections.abc import Callable
 import struct
 from dataclasses import dataclass
@@ -237,7 +239,18 @@ class GalleryStore:
                 changes.append(Change(entry_id, "del", slot, None, None))
         return changes, gap
 
+    def calibration_key(self, gallery: str) -> str:
+        """The gallery's own FPIR calibration (service.gallery.GalleryService.open_set): two numbers, no face."""
+        return f"{self.prefix}gal:{{{check_id(gallery)}}}:fpir"
+
+    async def calibration(self, gallery: str) -> dict | None:
+        raw = await self.client.get(self.calibration_key(gallery))
+        return json.loads(raw) if raw else None
+
+    async def set_calibration(self, gallery: str, fitted: dict) -> None:
+        await self.client.set(self.calibration_key(gallery), json.dumps(fitted))
+
     async def drop(self, gallery: str) -> None:
-        await self.client.delete(*self.keys(gallery), *self.identity_keys(gallery))
+        await self.client.delete(*self.keys(gallery), *self.identity_keys(gallery), self.calibration_key(gallery))
         if self.on_erase:
             self.on_erase()

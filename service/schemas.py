@@ -321,6 +321,10 @@ class SearchResultOut(BaseModel):
     quality: float | None = Field(description="The probe face's quality (null for an embedding query)")
     probe_floor: float | None = Field(description="The card's probe quality floor (low_quality below it); null: "
                                       "quality gating is off for this model (no validated quality, or a card without floors)")
+    fpir_calibration: Literal["gallery", "model"] | None = Field(default=None, description="Whose FPIR model set the "
+                                      "threshold: gallery (the card's tail moved to this gallery's own identities, "
+                                      "FACESET_GALLERY_CALIBRATION_MIN and up), model (the card's hold-out "
+                                      "calibration); null: decided by FAR")
 
 
 class SearchResponse(BaseModel):

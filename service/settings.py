@@ -158,6 +158,12 @@ class Settings(BaseSettings):
         description="Where gallery searches run: gpu (faiss-gpu, the GPU install: README, GPU) searches on GPU 0, "
                     "with one copy of the approximate index there re-uploaded after each batch of changes; the "
                     "service refuses to start where faiss-gpu or the GPU is missing. cpu: faiss-cpu.")
+    gallery_calibration_min: int = Field(
+        default=200, ge=0,
+        description="Smallest gallery whose FPIR thresholds come from its own identities (the card's tail moved to "
+                    "the gallery's all-vs-all cosines, kept in Redis so every replica decides alike, refitted when the "
+                    "gallery has grown or shrunk by a tenth): FPIR then holds for the site's photos rather than the "
+                    "calibration hold-out's (benchmarks/RESULTS.md). 0: always the card's. Lower: earlier, noisier.")
     gallery_snapshot_min: int = Field(
         default=10_000, ge=0,
         description="Smallest gallery whose index a replica keeps a snapshot of in state_dir, so a cold replica "

@@ -58,7 +58,7 @@ async def search(request: Annotated[GallerySearchRequest, Depends(SEARCH)], gall
     return SearchResponse(results=[SearchResultOut(
         matches=[Match(id=i, similarity=s) for i, s in r.matches], identified=r.identified, threshold=r.threshold,
         decision=r.decision, fpir=r.fpir, gallery_size=r.gallery_size, quality=r.quality,
-        probe_floor=r.probe_floor) for r in results])
+        probe_floor=r.probe_floor, fpir_calibration=r.fpir_calibration) for r in results])
 
 
 @router.post("/{identity}", response_model=Enrolled, summary="Enrol an identity (replace it, or ?mode=add photos)",

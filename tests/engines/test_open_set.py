@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from engines.model_card import OpenSet, comparisons, fpir_at, tail_threshold
-from engines.open_set import calibrate_open_set, duplicate_identities, impostor_matrix, nonmated_maxima
+from engines.open_set import (adapt_to_gallery, calibrate_open_set, duplicate_identities, impostor_matrix,
+                              nonmated_maxima)
 
 
 def _model(**kw) -> OpenSet:
@@ -86,3 +87,37 @@ def test_thresholds_rise_with_the_gallery_and_k_stays_below_n():
     assert all(comparisons(model, n) <= n for n in sizes)
     thresholds = [tail_threshold(model, 0.01, n) for n in sizes]
     assert thresholds == sorted(thresholds) and len(set(thresholds)) > 1
+
+
+def test_adapt_to_gallery_moves_the_tail_to_the_gallery_cosines():
+    """u is the gallery's all-vs-all cosines' (1 − zeta) quantile and sigma (1 − xi) × their mean excess over it;
+    the card's shape and k(N) stay."""
+    prior = _model(theta=1.5, exponent=0.9)
+    unit = _unit(np.random.default_rng(4).normal(size=(60, 16)))
+    cosines = np.array([unit[i] @ unit[j] for i in range(60) for j in range(i + 1, 60)])
+    site = adapt_to_gallery(prior, unit)
+    u = np.quantile(cosines, 0.99)
+    assert site.u == pytest.approx(u, abs=1e-6)
+    assert site.sigma == pytest.approx(1.1 * np.mean(cosines[cosines > u] - u), rel=1e-5)
+    assert (site.xi, site.theta, site.exponent, site.fpir_range) == (prior.xi, 1.5, 0.9, prior.fpir_range)
+
+
+def test_a_site_with_its_own_look_gets_its_promised_fpir_back():
+    """The model fitted on one population is far too lenient for a site whose photos share a common look (a
+    component every face there has: one camera, one light), so strangers there score higher: moved to a gallery of
+    that site, its thresholds give the requested FPIR within a factor of 2 to the site's strangers, where the unmoved
+    model lets in several times more."""
+    emb, labels = _identities(150, seed=0)
+    prior = calibrate_open_set(emb, labels)
+    rng = np.random.default_rng(7)
+    centres = rng.normal(size=(400, 16)) * 2 + rng.normal(size=16)  # the site's common look
+    photos = np.repeat(centres, 3, axis=0) + rng.normal(size=(1200, 16))
+    people = np.repeat(np.arange(400), 3)
+    gallery = _unit(photos[::3][:250])  # 250 enrolled, one photo each; people 250-399 are strangers
+    site = adapt_to_gallery(prior, gallery)
+    strangers = _unit(photos[people >= 250])
+    best = (strangers @ gallery.T).max(1)
+    for fpir in (0.1, 0.03):
+        moved = np.mean(best >= tail_threshold(site, fpir, 250)) / fpir
+        unmoved = np.mean(best >= tail_threshold(prior, fpir, 250)) / fpir
+        assert 0.5 < moved < 2 and unmoved > 3, (fpir, moved, unmoved)

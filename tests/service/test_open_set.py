@@ -190,3 +190,59 @@ def test_without_a_validated_quality_nothing_is_gated_on_it(client, no_quality, 
         assert refused.status_code == 422 and "quality gating is off" in refused.json()["error"]["message"]
     fused = plain.post(f"/templates/{g['X-Gallery']}/frames", files=[("images", p) for p in (poor, *people[0][:2])])
     assert fused.status_code == 200 and fused.json()["accepted"] == 3 and 0 < fused.json()["quality"] <= 1  # CAFace's own
+
+
+def test_a_gallery_of_enough_identities_decides_by_its_own_calibration(redis_available):
+    """From FACESET_GALLERY_CALIBRATION_MIN identities on, the FPIR threshold is the card's tail moved to the
+    gallery's own vectors (engines.open_set.adapt_to_gallery), fitted once, kept in Redis so a second replica decides
+    alike, and refitted only when the gallery has changed size by more than a tenth."""
+    import redis
+
+    from engines.model_card import tail_threshold
+    from engines.open_set import adapt_to_gallery
+
+    settings = make_settings(self_test_interval_s=3600, gallery_calibration_min=30)
+    g = gallery_header(settings, "site")
+    rng = np.random.default_rng(3)
+    try:
+        with TestClient(create_app(settings)) as one, TestClient(create_app(settings)) as two:
+            card = one.app.state.faces.card
+            vectors = rng.normal(size=(52, card.embedding_size)) + rng.normal(size=card.embedding_size)  # one "site"
+            unit = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+
+            def enrol(k):
+                assert one.post(f"/gallery/s{k}", json={"embedding": vectors[k].tolist()}, headers=g).status_code == 200
+
+            def search(client):
+                return client.post("/gallery/search", json={"embedding": vectors[0].tolist(), "fpir": 0.01},
+                                   headers=g).json()["results"][0]
+
+            for k in range(29):
+                enrol(k)
+            small = search(one)
+            assert small["fpir_calibration"] == "model"
+            assert small["threshold"] == pytest.approx(fpir_threshold(card, 0.01, 29))
+            for k in range(29, 40):
+                enrol(k)
+            site = adapt_to_gallery(card.calibration.open_set, unit[:40])
+            first, second = search(one), search(two)
+            assert first["fpir_calibration"] == second["fpir_calibration"] == "gallery"
+            assert first["threshold"] == pytest.approx(tail_threshold(site, 0.01, 40), abs=1e-6)
+            assert second["threshold"] == first["threshold"]  # the replica read the same fit from Redis
+            assert first["threshold"] != pytest.approx(fpir_threshold(card, 0.01, 40), abs=1e-4)
+            stored = redis.Redis.from_url(settings.redis_url.get_secret_value())
+            key = one.app.state.gallery.store.calibration_key(g["X-Gallery"])
+            assert yaml.safe_load(stored.get(key))["identities"] == 40
+            for k in range(40, 44):  # 44 is within a tenth of 40: the fit stands
+                enrol(k)
+            assert search(two)["threshold"] == pytest.approx(tail_threshold(site, 0.01, 44), abs=1e-6)
+            for k in range(44, 52):  # 52: refitted, by whichever replica searches first
+                enrol(k)
+            refit = adapt_to_gallery(card.calibration.open_set, unit)
+            assert search(two)["threshold"] == pytest.approx(tail_threshold(refit, 0.01, 52), abs=1e-6)
+            assert yaml.safe_load(stored.get(key))["identities"] == 52
+            by_far = one.post("/gallery/search", json={"embedding": vectors[0].tolist(), "far": 1e-3},
+                              headers=g).json()["results"][0]
+            assert by_far["fpir_calibration"] is None
+    finally:
+        drop_keys(settings)
