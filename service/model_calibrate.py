@@ -33,7 +33,8 @@ def calibrate(
 ) -> None:
     """FAR thresholds (overall and per quality band), the open-set FPIR(t, N) tail model and the quality floors of a
     model card, on held-out identities. The card keeps a quality only where an error-versus-reject check validates
-    it (a MagFace-trained model's magnitude); otherwise its quality is null and the service gates nothing on it."""
+    it (a MagFace-trained model's magnitude, or the card's learned quality head); otherwise its quality is null and
+    the service gates nothing on it."""
     from engines.calibration import calibrate_embeddings, calibrate_folder
     from service.command_line import command_as_run
 
@@ -50,6 +51,9 @@ def calibrate(
     c = card.calibration
     typer.echo(f"{c.positive_pairs} genuine / {c.negative_pairs} impostor pairs; thresholds "
                + ", ".join(f"FAR {far:g}: {t:.4f}" for far, t in sorted(c.thresholds.items())))
+    if card.quality_head is not None and not any(k.source == "learned_head" for k in c.quality_checks):
+        typer.echo("the learned quality head was not checked: cached embeddings carry no style statistics "
+                   "(calibrate on --holdout photos or crops)")
     for check in c.quality_checks:
         curve = ", ".join(f"{r:.0%} rejected {f:.4f}" for r, f in zip(check.reject, check.fnmr))
         typer.echo(f"quality source {check.source}: FNMR at FMR {check.fmr:g} {curve} -> "
