@@ -257,7 +257,7 @@ def searches(pool: Pool, n: int, rng: np.random.Generator) -> dict[str, np.ndarr
         mated_ids=np.stack([cols[top], pool.probe_person, n - taken.sum(1) + (own >= 0)], 1)[mated],
         mated_score=with_own[rows, top][mated], mated_rows=rows[mated],
         nonmated_ids=np.stack([cols[best], np.full(len(rows), -1), n - taken.sum(1)], 1),
-        nonmated_score=others[rows, best], nonmated_rows=rows)
+        nonmated_score=others[rows, best], nonmated_rows=rows, cols=cols)
 
 
 def evaluate_search(card, pool: Pool, seed: int = 0) -> tuple[list[dict], dict]:
@@ -297,6 +297,47 @@ def evaluate_search(card, pool: Pool, seed: int = 0) -> tuple[list[dict], dict]:
         print(f"N={n}: {draws} galleries, {cat['mated_score'].size} mated and {cat['nonmated_score'].size} "
               f"non-mated searches", flush=True)
     return rows, det
+
+
+def gallery_model(card, pool: Pool, cols: np.ndarray):
+    """The FPIR model the service decides a gallery of these candidates by (service.gallery.GalleryService.open_set):
+    the card's tail moved to the gallery's own vectors from GALLERY_MIN_IDS identities on, else the card's."""
+    from engines.open_set import GALLERY_MIN_IDS, GALLERY_SAMPLE_IDS, adapt_to_gallery
+
+    if len(cols) < GALLERY_MIN_IDS:
+        return None
+    pick = np.random.default_rng(0).choice(len(cols), min(len(cols), GALLERY_SAMPLE_IDS), replace=False)
+    return adapt_to_gallery(card.calibration.open_set, pool.gallery_unit[cols[np.sort(pick)]])
+
+
+def evaluate_gallery_calibrated(card, pool: Pool, seed: int = 0) -> list[dict]:
+    """evaluate_search's galleries (the same draws) decided as the service decides them with its default
+    FACESET_GALLERY_CALIBRATION_MIN: each gallery of 200+ identities by its own calibration (floor on)."""
+    from functools import cache
+
+    from service.decisions import search_rule
+
+    rng = np.random.default_rng(seed)
+    rows = []
+    for n, draws in DRAWS.items():
+        runs = [searches(pool, n, rng) for _ in range(draws)]
+        models = [gallery_model(card, pool, r["cols"]) for r in runs]
+        for fpir in FPIRS:
+            m, nm, msrc, nsrc = [], [], [], []
+            for r, model in zip(runs, models):
+                rule_at = cache(lambda k, gated, model=model: search_rule(card, k, None, fpir, 1e-3, fpir, model))
+                mq, nq = pool.probe_quality[r["mated_rows"]], pool.probe_quality[r["nonmated_rows"]]
+                m.append(_decide_all(rule_at, r["mated_ids"], r["mated_score"], mq, True))
+                nm.append(_decide_all(rule_at, r["nonmated_ids"], r["nonmated_score"], nq, True))
+                msrc.append(pool.probe_source[r["mated_rows"]])
+                nsrc.append(pool.probe_source[r["nonmated_rows"]])
+            m, nm, msrc, nsrc = map(np.concatenate, (m, nm, msrc, nsrc))
+            for source in ("all", *EVAL_SETS):
+                ms, ns = (m, nm) if source == "all" else (m[msrc == source], nm[nsrc == source])
+                rows.append(dict(n=n, fpir=fpir, source=source, calibration="gallery" if models[0] else "model",
+                                 measured_fpir=float(np.mean(ns == WRONG)), fnir=float(np.mean(ms != IDENTIFIED)),
+                                 mated_wrong=float(np.mean(ms == WRONG))))
+    return rows
 
 
 def at_equal_fpir(det: dict, target: float) -> dict:
@@ -430,28 +471,34 @@ def evaluate(out_dir: Path) -> None:
     print(f"candidates taken for the same person as an evaluation person (besides their enrolment): {overlap}")
     rows, det = evaluate_search(card, pool)
     rows_uncleaned, _ = evaluate_search(card, build_pool(card, clean=False))
-    summary(rows, rows_uncleaned)
+    rows_gallery = evaluate_gallery_calibrated(card, pool)
+    summary(rows, rows_uncleaned, rows_gallery)
     equal = {t: at_equal_fpir(det, t) for t in (0.1, 0.01)}
     negatives = evaluate_negatives(card, pool)
     verify = evaluate_verify(card)
     plot_det(det, out_dir / "open_set_det.png")
     result = dict(seconds=round(time.time() - started, 1), below_probe_floor=below, enrolment_below_floor=enrol_below,
-                  same_person_candidates=overlap, search=rows, search_uncleaned=rows_uncleaned, equal_fpir={str(t): {f"{n}/{'gated' if g else 'ungated'}": v for (n, g), v in e.items()}
+                  same_person_candidates=overlap, search=rows, search_uncleaned=rows_uncleaned,
+                  search_gallery_calibrated=rows_gallery, equal_fpir={str(t): {f"{n}/{'gated' if g else 'ungated'}": v for (n, g), v in e.items()}
                                            for t, e in equal.items()},
                   negatives=negatives, verify=verify)
     (out_dir / "open_set_results.json").write_text(json.dumps(result, indent=1))
     print(json.dumps({k: v for k, v in result.items() if k not in ("search", "verify")}, indent=1))
 
-def summary(rows: list[dict], uncleaned: list[dict]) -> None:
-    """Measured / requested FPIR and FNIR (all sets, floor on), cleaned of shared people and not."""
-    print("| N | requested FPIR | measured FPIR (ratio) | FNIR | without removing shared people: FPIR (ratio) |")
-    print("| --- | --- | --- | --- | --- |")
-    pick = lambda rs: {(r["n"], r["fpir"]): r for r in rs if r["gated"] and r["source"] == "all"}
-    a, b = pick(rows), pick(uncleaned)
+def summary(rows: list[dict], uncleaned: list[dict], gallery: list[dict]) -> None:
+    """Measured / requested FPIR and FNIR (all sets, floor on): by the card's calibration (cleaned of shared people
+    and not), and as the service decides with gallery calibration."""
+    print("| N | requested FPIR | card: measured FPIR (ratio) | FNIR | shared people kept: FPIR (ratio) | "
+          "as served (gallery calibration from 200): FPIR (ratio) | FNIR |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    pick = lambda rs: {(r["n"], r["fpir"]): r for r in rs if r.get("gated", True) and r["source"] == "all"}
+    a, b, c = pick(rows), pick(uncleaned), pick(gallery)
     for key in sorted(a):
-        r, u = a[key], b[key]
+        r, u, g = a[key], b[key], c[key]
         print(f"| {key[0]:,} | {key[1]:g} | {100 * r['measured_fpir']:.2f} % ({r['measured_fpir'] / key[1]:.2f}) | "
-              f"{100 * r['fnir']:.1f} % | {100 * u['measured_fpir']:.2f} % ({u['measured_fpir'] / key[1]:.2f}) |")
+              f"{100 * r['fnir']:.1f} % | {100 * u['measured_fpir']:.2f} % ({u['measured_fpir'] / key[1]:.2f}) | "
+              f"{100 * g['measured_fpir']:.2f} % ({g['measured_fpir'] / key[1]:.2f}, {g['calibration']}) | "
+              f"{100 * g['fnir']:.1f} % |")
 
 
 def holdout_check(splits: int = 3, sizes=(10, 30, 100, 300), reps: int = 20) -> list[dict]:
@@ -538,7 +585,7 @@ def holdout_quality(n: int = 300, draws: int = 30, bins: int = 10) -> list[dict]
     return out
 
 
-def within_set(sizes=(30, 100, 400), draws: int = 100) -> list[dict]:
+def within_set(sizes=(30, 100, 200, 400), draws: int = 100) -> list[dict]:
     """FPIR when probes and gallery come from one set (as at one site: one kind of camera and photo): each
     evaluation set's non-mated probes against galleries of its own people's enrolment photos only."""
     from engines.model_card import ModelCard, tail_threshold
@@ -552,7 +599,7 @@ def within_set(sizes=(30, 100, 400), draws: int = 100) -> list[dict]:
         candidates, probes = np.flatnonzero(source == name), pool.probe_source == name
         rng = np.random.default_rng(0)
         for n in (n for n in sizes if n < len(candidates)):
-            hits = {f: 0 for f in FPIRS}
+            hits, own = {f: 0 for f in FPIRS}, {f: 0 for f in FPIRS}
             searches = 0
             for _ in range(draws):
                 cols = rng.choice(candidates, n, replace=False)
@@ -560,15 +607,20 @@ def within_set(sizes=(30, 100, 400), draws: int = 100) -> list[dict]:
                 best = np.where(taken, -np.inf, pool.scores[probes][:, cols]).max(1)
                 size = n - taken.sum(1)
                 searches += best.size
+                site = gallery_model(card, pool, cols) or card.calibration.open_set
                 for f in FPIRS:
                     hits[f] += int(np.sum(best >= np.array([tail_threshold(card.calibration.open_set, f, int(k))
                                                             for k in size])))
-            out += [dict(set=name, n=n, fpir=f, searches=searches, identified=h) for f, h in hits.items()]
-    print("| set | N | " + " | ".join(f"FPIR {f:g}: measured (ratio)" for f in FPIRS) + " |")
+                    own[f] += int(np.sum(best >= np.array([tail_threshold(site, f, int(k)) for k in size])))
+            out += [dict(set=name, n=n, fpir=f, searches=searches, identified=h, identified_gallery_calibrated=own[f])
+                    for f, h in hits.items()]
+    print("| set | N | " + " | ".join(f"FPIR {f:g}: measured (ratio) by the card / by the gallery" for f in FPIRS) + " |")
     for name, n in dict.fromkeys((r["set"], r["n"]) for r in out):
         cells = [r for r in out if (r["set"], r["n"]) == (name, n)]
-        print(f"| {name} | {n} | " + " | ".join(f"{100 * r['identified'] / r['searches']:.2f} % "
-                                                 f"({r['identified'] / r['searches'] / r['fpir']:.2f})" for r in cells) + " |")
+        print(f"| {name} | {n} | " + " | ".join(
+            f"{100 * r['identified'] / r['searches']:.2f} % ({r['identified'] / r['searches'] / r['fpir']:.2f}) / "
+            + (f"{r['identified_gallery_calibrated'] / r['searches'] / r['fpir']:.2f}" if n >= 200 else "–")
+            for r in cells) + " |")
     return out
 
 
