@@ -2,7 +2,7 @@
 # The GPU image built and run where there is no GPU (CI here, when time allows; not in the default test run):
 # builds docker/Dockerfile.gpu from HEAD on the local base (docker/local-base.sh), prints its build time and
 # size, runs it hardened (read-only, no capabilities) against a Redis without --gpus, and checks that it
-# serves a real face on the CPU with /readyz saying why not CUDA. ~6 min cold (4 GB of CUDA wheels), ~1 min cached.
+# serves a real face on the CPU with /readyz saying why not CUDA (durations: benchmarks/RESULTS.md, Containers).
 #   docker/gpu-image-check.sh            (FACESET_DATA_DIR: the face data, default ../shared/data)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -24,7 +24,11 @@ docker run -d --name "$NET-redis" --network "$NET" "${HARDENED[@]}" "$REDIS" red
 docker run -d --name "$NET-app" --network "$NET" "${HARDENED[@]}" -p 127.0.0.1::8000 \
   -e FACESET_REDIS_URL="redis://:$PASSWORD@$NET-redis:6379/0" "$TAG" >/dev/null
 URL="http://$(docker port "$NET-app" 8000/tcp | head -1)"
-for _ in $(seq 180); do curl -sf "$URL/readyz" -o /tmp/$NET.ready && break; sleep 1; done
+for _ in $(seq 180); do
+  curl -sf "$URL/readyz" -o /tmp/$NET.ready && break
+  [ "$(docker inspect -f '{{.State.Running}}' "$NET-app")" = true ] || break
+  sleep 1
+done
 [ -s /tmp/$NET.ready ] || { docker logs --tail 40 "$NET-app"; echo "FAIL: not ready" >&2; exit 1; }
 python3 - "$URL" "$FACE" "/tmp/$NET.ready" <<'PY'
 import json, subprocess, sys

@@ -80,24 +80,31 @@ def test_the_images_build_from_the_serving_sources_and_pinned_constraints_only(n
     text = DOCKERFILES[name]
     copied = {src for line in re.findall(r"^COPY (.+)$", text, re.MULTILINE)
               if not line.startswith("--from") for src in line.split()[:-1]}
-    constraints = "constraints/gpu.txt" if name.endswith("gpu") else "constraints/cpu.txt"
-    assert copied == {"pyproject.toml", "README.md", "service", "engines", "models", constraints}
-    assert f"pip install --no-deps -r /src/{constraints}" in text and "pip install --no-deps /src" in text
+    sources = {"pyproject.toml", "README.md", "service", "engines", "models", "constraints/cpu.txt"}
+    if name.endswith("gpu"):  # the GPU stack, every pin agreeing with cpu.txt's (checked below)
+        assert copied == sources | {"constraints/gpu.txt"}
+        assert "pip install -r /src/constraints/gpu.txt -c /src/constraints/cpu.txt" in text
+    else:
+        assert copied == sources and "pip install --no-deps -r /src/constraints/cpu.txt" in text
+    assert "pip install --no-deps /src" in text
     assert not re.search(r"torch|training", " ".join(re.findall(r"pip install [^\n]*", text)))
     ignored = (DOCKER / f"{name}.dockerignore").read_text().split()
     assert {"training", ".venv", ".git"} <= set(ignored)  # not even in the build context
 
 
 def test_the_cpu_constraints_pin_every_requirement_of_the_base_distribution_within_its_range():
-    pins = {}
-    for line in (REPO / "constraints" / "cpu.txt").read_text().splitlines():
-        if line and not line.startswith("#"):
-            name, version = line.split("==")
-            pins[_normal(name)] = version
+    pins = _pins(REPO / "constraints" / "cpu.txt")
     for dependency in tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]:
         requirement = Requirement(dependency)
         assert requirement.specifier.contains(pins[_normal(requirement.name)]), dependency
     assert not {"torch", "faceset", "faceset-train", "pip"} & set(pins)
+    gpu = _pins(REPO / "constraints" / "gpu.txt")
+    assert {k: v for k, v in gpu.items() if pins.get(k, v) != v} == {}  # one version of each shared package
+
+
+def _pins(path: Path) -> dict[str, str]:
+    lines = [line.split("#")[0].strip() for line in path.read_text().splitlines()]
+    return {_normal(n): v for n, v in (line.split("==") for line in lines if line)}
 
 
 def _normal(name: str) -> str:
