@@ -71,11 +71,11 @@ class LearnedHeadSource:
         return card.quality_head is not None and card.outputs.style is not None
 
     def scores(self, outputs: dict[str, np.ndarray]) -> np.ndarray:
+        if len(outputs[EMBEDDING]) == 0:  # no face (a batch of none has no style rows either)
+            return np.zeros(0)
         style = outputs.get(STYLE)
         if style is None:
             raise ModelCardError(f"model {self.card.name!r}: its learned quality needs the style output, not given")
-        if len(style) == 0:
-            return np.zeros(0)
         magnitude = np.linalg.norm(np.asarray(outputs[EMBEDDING], np.float64), axis=1, keepdims=True)  # (N, 1)
         feed = dict(zip(HEAD_INPUTS, (np.asarray(style, np.float32), magnitude.astype(np.float32))))
         return self.session.run([HEAD_OUTPUT], feed)[0][:, 0].astype(np.float64)  # (N,)

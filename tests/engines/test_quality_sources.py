@@ -104,6 +104,8 @@ def test_face_quality_goes_through_the_cards_source(tmp_path):
                                np.clip((first + 1) / 2, 0, 1), atol=1e-6)
     with pytest.raises(ModelCardError, match="style output"):
         face_quality(card, {EMBEDDING: emb, STYLE: None})
+    # a photo without a face: no rows, and the service has no style rows to give either
+    assert face_quality(card, {EMBEDDING: np.zeros((0, 16)), STYLE: None}).shape == (0,)
     card.quality = Quality(method="magface_linear", low=10.0, high=30.0)
     np.testing.assert_allclose(face_quality(card, {EMBEDDING: emb}),
                                np.clip((np.linalg.norm(emb, axis=1) - 10) / 20, 0, 1))

@@ -2,6 +2,7 @@
 exported head against torch, and, on the anchor mobilefacenet-a, train -> calibrate -> /embed reports its quality."""
 from __future__ import annotations
 
+import io
 import math
 from pathlib import Path
 
@@ -126,6 +127,10 @@ def test_an_imported_model_gets_a_head_calibration_checks_it_and_embed_reports_i
     try:
         with TestClient(create_app(settings)) as client:
             faces = client.post("/embed?max_faces=1", files={"images": photo.read_bytes()}).json()["results"][0]["faces"]
+            blank = io.BytesIO()
+            Image.new("RGB", (96, 96), (128, 128, 128)).save(blank, format="PNG")
+            nobody = client.post("/embed", files={"images": blank.getvalue()})  # no face: no rows for the head
+            assert nobody.status_code == 200 and nobody.json()["results"][0]["faces"] == [], nobody.text
     finally:
         drop_keys(settings)
     assert faces[0]["quality"] == pytest.approx(expected, abs=1e-4)
