@@ -150,6 +150,7 @@ def _compose_up_embed_down(compose, folder, cpu_image, redis_image, lfw, expecte
     try:
         run("up", "-d", "--no-build")
         faceset, redis = (run("ps", "-q", name).strip() for name in ("faceset", "redis"))
+        assert sorted(run("ps", "-q").split()) == sorted([faceset, redis])  # the gpu profile's service stays down
         assert published(faceset) == f"127.0.0.1:{env['FACESET_PORT']}"
         url = f"http://{published(faceset)}"
         assert wait_ready(url, faceset)["ready"]
