@@ -146,6 +146,18 @@ class GalleryService:
         finally:
             idx.building = False
 
+    def _compact(self, gallery: str, idx: GalleryIndex) -> None:
+        try:
+            t0 = time.perf_counter()
+            erased = idx.erased
+            idx.compact()
+            log.info("gallery %s: %d erased entries dropped from the approximate index in %.1f s", gallery, erased,
+                     time.perf_counter() - t0)
+        except Exception:  # the erased entries are never proposed; the next round tries again
+            log.exception("gallery %s: compacting the approximate index failed", gallery)
+        finally:
+            idx.building = False
+
     async def _run(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
 
@@ -177,7 +189,8 @@ class GalleryService:
             except (SnapshotError, OSError) as exc:
                 problem = f"corrupt ({exc})"
             if problem is None:
-                await self._run(idx.load, snap.header["entry"], snap.slots, snap.names, snap.vectors, snap.approx)
+                await self._run(idx.load, snap.header["entry"], snap.slots, snap.names, snap.vectors, snap.approx,
+                                snap.keys, snap.next_key)
                 idx.approx_size = snap.header["approx_size"] if snap.approx is not None else 0
                 return
             log.warning("gallery %s: snapshot %s is %s; rebuilding from Redis", gallery, path, problem)
@@ -230,7 +243,11 @@ class GalleryService:
 
     async def _follow(self, gallery: str) -> None:
         try:
-            await self.save(gallery, await self.synced(gallery))
+            idx = await self.synced(gallery)
+            if idx.erased and not idx.building:  # deleted identities' codes leave the approximate index, then disk
+                idx.building = True
+                await asyncio.get_running_loop().run_in_executor(self.builder, self._compact, gallery, idx)
+            await self.save(gallery, idx)
         except RedisError as exc:  # Redis away: the next round (or read) catches up
             log.warning("gallery %s: could not follow Redis (%s)", gallery, type(exc).__name__)
         except OSError as exc:  # a full disk: the next round tries again; deletions keep it due

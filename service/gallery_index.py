@@ -2,14 +2,20 @@
 
 The vectors live in one numpy array, a row per identity keyed by the identity's slot in Redis
 (`gallery_store`); up to `exact_max` identities a search scans them all (exact inner product). Above
-it an IVF index over 8-bit scalar-quantised codes (a quarter of the floats), its coarse quantizer and
-code ranges trained on the gallery's own vectors, is built in a background thread while the exact scan keeps serving; the
-changes applied after the copy it was built from (the log position `entry` at that moment) are
-replayed into it before it is swapped in. It only proposes a shortlist, which is re-scored exactly
-against the kept vectors: the scores returned are exact, and only a neighbour the shortlist missed
-can be lost (recall and speed: `benchmarks/RESULTS.md`, "Galleries of a million"). Not PQ fast-scan
-codes, though they scan several times faster: in faiss 1.15.1 an identity added to a fast-scan list
-after a removal from it gets a wrong code (about 0.7 % of them in our test), and galleries change.
+it an IVF index, its coarse quantizer and codebooks trained on the gallery's own vectors, is built in a
+background thread while the exact scan keeps serving; the changes applied after the copy it was built
+from (the log position `entry` at that moment) are replayed into it before it is swapped in. It only
+proposes a shortlist, which is re-scored exactly against the kept vectors: the scores returned are exact,
+and only a neighbour the shortlist missed can be lost (recall and speed: `benchmarks/RESULTS.md`,
+"Galleries of a million"). On the CPU its codes are 4-bit PQ fast-scan (D/2 sub-quantizers: a sixteenth of
+the floats, scanned with SIMD lookup tables, several times faster than 8-bit scalar codes at the same
+recall); GPU indexes have no fast-scan, so there it is 8-bit scalar-quantised.
+
+Nothing is ever removed from the approximate index: in faiss 1.15.1 a vector added to a fast-scan list
+after a removal from it gets a wrong code (0.5 of re-added vectors lost their place in our check). An entry
+is keyed instead by a `key` of its own, and a removal or re-enrolment only retires the slot's key (a
+tombstone; the shortlist skips retired keys); a re-enrolment adds the new vector under a new key. When
+retired entries pass a fifth of the index it is rebuilt in the background like a grown one.
 
 Searches run in worker threads (one OpenMP thread each, so concurrent searches do not oversubscribe
 the cores) under the read side of a readers-writer lock; changes take its write side.
@@ -40,7 +46,8 @@ import numpy as np
 
 from engines.atomic import atomic_write
 
-RERANK = 30  # shortlist = RERANK × max(top_k, 10) candidates, re-scored exactly
+SHORTLIST = 2000  # candidates the approximate index proposes (at least 20 × top_k), re-scored exactly
+RETIRED_MAX = 0.2  # retired entries (tombstones), as a share of the index, that call for a rebuild
 TRAIN_SAMPLE = 65_536  # vectors the quantizer and codebooks are trained on
 MAGIC = b"FACESET-GALLERY-SNAPSHOT-1\n"
 
@@ -111,6 +118,11 @@ class CpuPlacement:
 
     label = "cpu"
 
+    @staticmethod
+    def codes(dim: int) -> str:
+        """The approximate index's codes: 4-bit PQ fast-scan where the dimension splits in pairs."""
+        return f"PQ{dim // 2}x4fs" if dim % 2 == 0 else "SQ8"
+
     def knn(self, queries: np.ndarray, vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         return faiss.knn(queries, vectors, k, metric=faiss.METRIC_INNER_PRODUCT)  # (Q, k) each
 
@@ -124,6 +136,10 @@ class GpuPlacement:
     def __init__(self, device: int = 0) -> None:
         self.device, self.label = device, f"gpu {device}"
         GPU_RESOURCES.get()  # fail at start, not at the first search
+
+    @staticmethod
+    def codes(dim: int) -> str:
+        return "SQ8"  # faiss-gpu has no fast-scan index
 
     def knn(self, queries: np.ndarray, vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         return faiss.knn_gpu(GPU_RESOURCES.get(), queries, vectors, k, metric=faiss.METRIC_INNER_PRODUCT,
@@ -156,20 +172,40 @@ class GalleryIndex:
         return len(self.rows)
 
     def load(self, entry: str, slots: np.ndarray, names: list[str], vectors: np.ndarray,
-             approx: faiss.Index | None = None) -> None:
-        """Replaces everything with these rows (a reload from Redis or a snapshot) at log position `entry`."""
+             approx: faiss.Index | None = None, keys: np.ndarray | None = None, next_key: int = 0) -> None:
+        """Replaces everything with these rows (a reload from Redis or a snapshot) at log position `entry`; a
+        snapshot's approximate index comes with each row's key in it (None: keyed by slot) and its next key."""
         with self.rw.write():
             self.vectors = np.ascontiguousarray(vectors, np.float32)  # (N, D), rows past len(self) are spare
             self.slots = np.asarray(slots, np.int64)  # (N,) row -> slot
             self.rows = {int(s): r for r, s in enumerate(self.slots)}
             self.names = {int(s): name for s, name in zip(self.slots, names)}
             self.approx, self.approx_size, self.pending = approx, len(self.rows) if approx else 0, None
+            self._keyed(self.slots[:len(self.rows)] if keys is None else keys, next_key)
             if approx is not None:  # a snapshot's index probes as this replica is set to
                 ivf = faiss.extract_index_ivf(approx)
                 ivf.nprobe = max(1, math.ceil(self.probe * ivf.nlist))
             self._upload()
             self.entry, self.loaded = entry, True
             self.generation += 1
+
+    def _keyed(self, keys: np.ndarray, next_key: int = 0) -> None:
+        """The approximate index's entries: row i (slot self.slots[i]) is its entry keys[i]; others are retired."""
+        keys = np.asarray(keys, np.int64)
+        self.key_of = {int(s): int(k) for s, k in zip(self.slots[:len(keys)], keys)}  # slot -> live key
+        self.slot_of = {k: s for s, k in self.key_of.items()}  # live key -> slot
+        self.next_key = max(next_key, int(keys.max()) + 1 if keys.size else 0)
+        self.retired = max(0, (self.approx.ntotal if self.approx is not None else 0) - len(keys))
+        self.erased = self.retired  # a snapshot's retired entries: treated as erased ones (compact() drops them)
+
+    def _retire(self, slot: int, erased: bool) -> None:
+        """Retires the slot's entry; `erased`: the identity was deleted, so its codes must leave the index within
+        the erasure bound (compact())."""
+        key = self.key_of.pop(slot, None)
+        if key is not None:
+            del self.slot_of[key]
+            self.retired += 1
+            self.erased += erased
 
     def apply(self, changes: list) -> None:
         """Applies `gallery_store.Change`s in log order."""
@@ -190,20 +226,26 @@ class GalleryIndex:
 
     def _put(self, slot: int, identity: str, vector: np.ndarray) -> None:
         row = self.rows.get(slot)
-        ids = np.array([slot], np.int64)
         if row is None:
             row = len(self.rows)
             if row == len(self.vectors):  # full: double the room
                 self.vectors = np.concatenate([self.vectors, np.zeros((max(row, 1024), self.dim), np.float32)])
                 self.slots = np.concatenate([self.slots, np.zeros(max(row, 1024), np.int64)])
             self.rows[slot], self.slots[row] = row, slot
-        elif self.approx is not None:
-            self.approx.remove_ids(ids)
         self.vectors[row], self.names[slot] = vector, identity
         if self.approx is not None:
-            self.approx.add_with_ids(self.vectors[row:row + 1], ids)
+            self._retire(slot, False)  # a re-enrolment: the old entry stays in the index, retired
+            self.key_of[slot] = self.slot_of_key_add(slot, self.vectors[row:row + 1])
         if self.pending is not None:
             self.pending.add(slot)
+
+    def slot_of_key_add(self, slot: int, vector: np.ndarray) -> int:
+        """Adds `vector` (1, D) to the approximate index under a new key for `slot`; the key."""
+        key = self.next_key
+        self.next_key += 1
+        self.approx.add_with_ids(vector, np.array([key], np.int64))
+        self.slot_of[key] = slot
+        return key
 
     def _remove(self, slot: int) -> None:
         row = self.rows.pop(slot, None)
@@ -216,7 +258,7 @@ class GalleryIndex:
             self.vectors[row], self.slots[row], self.rows[moved] = self.vectors[last], moved, row
         self.vectors[last] = 0  # no copy of an erased vector stays in the spare rows
         if self.approx is not None:
-            self.approx.remove_ids(np.array([slot], np.int64))
+            self._retire(slot, True)  # its entry stays in the index until compact(), never proposed again
         if self.pending is not None:
             self.pending.add(slot)
         self.deleted = True
@@ -248,10 +290,11 @@ class GalleryIndex:
 
     def _reranked(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """The approximate index's shortlist per query, re-scored exactly: (sims, rows), each (Q, k)."""
-        _, found = self.searched.search(queries, RERANK * max(k, 10))  # (Q, S) slots, -1 past the end
+        _, found = self.searched.search(queries, max(SHORTLIST, 20 * k))  # (Q, S) keys, -1 past the end
         sims, rows = np.full((len(queries), k), -np.inf, np.float32), np.full((len(queries), k), -1, np.int64)
-        for q, (query, slots) in enumerate(zip(queries, found)):
-            cand = np.fromiter((self.rows[s] for s in slots.tolist() if s >= 0), np.int64)
+        live = self.slot_of
+        for q, (query, keys) in enumerate(zip(queries, found)):
+            cand = np.fromiter((self.rows[live[key]] for key in keys.tolist() if key in live), np.int64)
             exact = self.vectors[cand] @ query  # (S,)
             best = np.argsort(-exact)[:k]
             sims[q, :len(best)], rows[q, :len(best)] = exact[best], cand[best]
@@ -259,18 +302,29 @@ class GalleryIndex:
 
     # ---- the approximate index ---------------------------------------------------------------
     def wants_build(self) -> bool:
-        """Above exact_max with no approximate index, or one trained at less than half today's size."""
-        return self.loaded and not self.building and len(self) > max(self.exact_max, 2 * self.approx_size)
+        """Above exact_max with no approximate index, one trained at less than half today's size, or one whose
+        retired entries pass RETIRED_MAX of it."""
+        if not self.loaded or self.building or len(self) <= self.exact_max:
+            return False
+        return len(self) > 2 * self.approx_size or self.retired > RETIRED_MAX * max(self.approx_size, 1)
 
-    def build(self) -> None:
-        """Trains an approximate index on a copy of the vectors, replays what changed meanwhile and swaps it in.
-        Runs in a background thread; searches keep using the exact scan (or the previous index) until the swap."""
+    def build(self, retrain: bool = True) -> None:
+        """Trains an approximate index on a copy of the vectors (or, `retrain` False, refills a copy of the current
+        one's trained quantizer and codebooks: compact()), replays what changed meanwhile and swaps it in. Runs in a
+        background thread; searches keep using the exact scan (or the previous index) until the swap."""
         with self.rw.read():  # no writer runs: the copy and the start of `pending` are one log position
             n, generation = len(self), self.generation
             vectors, slots = self.vectors[:n].copy(), self.slots[:n].copy()
+            trained = None if retrain or self.approx is None else faiss.clone_index(self.approx)
+            trained_size = self.approx_size
             self.pending = set()
         try:
-            index = new_approx(vectors, slots, self.probe)
+            if trained is None:
+                index = new_approx(vectors, slots, self.probe, self.placement.codes(self.dim))
+            else:
+                trained.reset()
+                trained.add_with_ids(vectors, slots)
+                index, n = trained, trained_size  # the growth rule still counts from the training
         except BaseException:
             with self.rw.write():
                 self.pending = None
@@ -279,28 +333,39 @@ class GalleryIndex:
             pending, self.pending = self.pending, None
             if generation != self.generation:  # reloaded meanwhile: this copy is of an older gallery
                 return
-            if pending:
-                ids = np.fromiter(pending, np.int64)
-                index.remove_ids(ids)
-                now = [s for s in ids.tolist() if s in self.rows]
-                rows = [self.rows[s] for s in now]
-                index.add_with_ids(self.vectors[rows], np.array(now, np.int64))
+            current = {int(s) for s in slots}  # keyed by slot in the new index (new_approx)
+            key_of = {s: s for s in current}
             self.approx, self.approx_size, self.rebuilt = index, n, True
+            self.key_of, self.slot_of = key_of, {s: s for s in current}
+            self.next_key, self.retired, self.erased = (max(current) + 1 if current else 0), 0, 0
+            for slot in pending or ():  # changed since the copy: retire what the copy had, add what is now
+                self._retire(slot, slot not in self.rows)
+                if slot in self.rows:
+                    row = self.rows[slot]
+                    self.key_of[slot] = self.slot_of_key_add(slot, self.vectors[row:row + 1])
             self._upload()
+
+    def compact(self) -> None:
+        """Drops retired entries from the approximate index without training it again (a refill of its trained
+        copy): the codes of deleted identities leave this replica's memory, and the next snapshot."""
+        self.build(retrain=False)
 
     def describe(self) -> str:
         where = self.placement.label
         if self.approx is not None and len(self) > self.exact_max:
             ivf = faiss.extract_index_ivf(self.approx)
-            return f"faiss IVF{ivf.nlist},SQ8 ({where}; {ivf.nprobe} lists probed), shortlist re-scored exactly"
+            fast = isinstance(self.approx, faiss.IndexIVFPQFastScan)  # (extract_index_ivf gives the IndexIVF base)
+            codes = f"PQ{self.approx.pq.M}x4fs" if fast else "SQ8"
+            return f"faiss IVF{ivf.nlist},{codes} ({where}; {ivf.nprobe} lists probed), shortlist re-scored exactly"
         return f"faiss exact inner product ({where})"
 
 
-def new_approx(vectors: np.ndarray, slots: np.ndarray, probe: float) -> faiss.Index:
-    """IVF (√N lists) over 8-bit scalar-quantised codes, trained on a sample of `vectors` (N, D)."""
+def new_approx(vectors: np.ndarray, slots: np.ndarray, probe: float, codes: str = "SQ8") -> faiss.Index:
+    """IVF (√N lists) over `codes` (a placement's: PQ fast-scan or SQ8), trained on a sample of `vectors` (N, D),
+    each row keyed by its slot."""
     n, dim = vectors.shape
     nlist = max(1, min(round(math.sqrt(n)), n // 39))  # k-means wants 39+ points per list
-    index = faiss.index_factory(dim, f"IVF{nlist},SQ8", faiss.METRIC_INNER_PRODUCT)
+    index = faiss.index_factory(dim, f"IVF{nlist},{codes}", faiss.METRIC_INNER_PRODUCT)
     sample = np.random.default_rng(0).choice(n, min(n, TRAIN_SAMPLE), replace=False)
     index.train(vectors[np.sort(sample)])
     index.add_with_ids(vectors, slots)
@@ -320,6 +385,8 @@ class Snapshot:
     names: list[str]
     vectors: np.ndarray  # (N, D) float32
     approx: faiss.Index | None
+    keys: np.ndarray | None = None  # (N,) each row's entry in `approx` (None: keyed by slot, older snapshots)
+    next_key: int = 0
 
 
 def write_snapshot(path: Path, idx: GalleryIndex, tag: dict) -> None:
@@ -329,13 +396,16 @@ def write_snapshot(path: Path, idx: GalleryIndex, tag: dict) -> None:
         slots, vectors = idx.slots[:n].copy(), idx.vectors[:n].copy()
         names = "\n".join(idx.names[int(s)] for s in slots).encode()  # ids never hold a newline (check_id)
         approx = faiss.serialize_index(idx.approx).tobytes() if idx.approx is not None else b""
+        keys = (np.array([idx.key_of[int(s)] for s in slots], "<i8").tobytes() if idx.approx is not None else b"")
+        next_key = idx.next_key
         deleted, idx.deleted, idx.changed, idx.rebuilt = idx.deleted, False, False, False
-    parts = [slots.astype("<i8").tobytes(), vectors.astype("<f4").tobytes(), names, approx]
+    parts = [slots.astype("<i8").tobytes(), vectors.astype("<f4").tobytes(), names, keys, approx]
     digest = hashlib.sha256()
     for part in parts:
         digest.update(part)
-    header = json.dumps({**tag, "entry": entry, "count": n, "names_bytes": len(names), "approx_bytes": len(approx),
-                         "approx_size": approx_size, "sha256": digest.hexdigest()}).encode()
+    header = json.dumps({**tag, "entry": entry, "count": n, "names_bytes": len(names), "keys_bytes": len(keys),
+                         "next_key": next_key, "approx_bytes": len(approx), "approx_size": approx_size,
+                         "sha256": digest.hexdigest()}).encode()
     try:
         atomic_write(path, lambda f: [f.write(b) for b in (MAGIC, struct.pack("<I", len(header)), header, *parts)])
     except BaseException:
@@ -359,10 +429,13 @@ def read_snapshot(path: Path, dim: int) -> Snapshot:
         vectors = np.frombuffer(payload, "<f4", n * dim, offset=8 * n).reshape(n, dim).copy()
         at = 8 * n + 4 * n * dim
         names = bytes(payload[at:at + header["names_bytes"]]).decode().split("\n") if n else []
-        approx = bytes(payload[at + header["names_bytes"]:])
+        at += header["names_bytes"]
+        keys_bytes = header.get("keys_bytes", 0)  # snapshots before keys: the index is keyed by slot
+        keys = np.frombuffer(payload, "<i8", keys_bytes // 8, offset=at).astype(np.int64) if keys_bytes else None
+        approx = bytes(payload[at + keys_bytes:])
     except SnapshotError:
         raise
     except (KeyError, ValueError, struct.error) as exc:  # json, utf-8 and numpy errors are ValueErrors
         raise SnapshotError(f"unreadable: {exc}") from exc
     index = faiss.deserialize_index(np.frombuffer(approx, np.uint8)) if approx else None
-    return Snapshot(header, slots, names, vectors, index)
+    return Snapshot(header, slots, names, vectors, index, keys, header.get("next_key", 0))
