@@ -189,12 +189,14 @@ class GalleryIndex:
             self.entry, self.loaded = entry, True
             self.generation += 1
 
-    def _keyed(self, keys: np.ndarray, next_key: int = 0) -> None:
-        """The approximate index's entries: row i (slot self.slots[i]) is its entry keys[i]; others are retired."""
+    def _keyed(self, keys: np.ndarray, next_key: int = 0, key_of: dict | None = None) -> None:
+        """The approximate index's entries: row i (slot self.slots[i]) is its entry keys[i]; others are retired.
+        `key_rows` (key -> row, -1 retired) lets a shortlist of keys become rows in one numpy step."""
         keys = np.asarray(keys, np.int64)
-        self.key_of = {int(s): int(k) for s, k in zip(self.slots[:len(keys)], keys)}  # slot -> live key
-        self.slot_of = {k: s for s, k in self.key_of.items()}  # live key -> slot
+        self.key_of = key_of if key_of is not None else {int(s): int(k) for s, k in zip(self.slots[:len(keys)], keys)}
         self.next_key = max(next_key, int(keys.max()) + 1 if keys.size else 0)
+        self.key_rows = np.full(max(self.next_key, 1024), -1, np.int64)
+        self.key_rows[keys] = np.arange(len(keys))
         self.retired = max(0, (self.approx.ntotal if self.approx is not None else 0) - len(keys))
         self.erased = self.retired  # a snapshot's retired entries: treated as erased ones (compact() drops them)
 
@@ -203,9 +205,18 @@ class GalleryIndex:
         the erasure bound (compact())."""
         key = self.key_of.pop(slot, None)
         if key is not None:
-            del self.slot_of[key]
+            self.key_rows[key] = -1
             self.retired += 1
             self.erased += erased
+
+    def _add(self, slot: int) -> None:
+        """Adds the slot's vector to the approximate index under a new key."""
+        key, row = self.next_key, self.rows[slot]
+        self.next_key += 1
+        if key >= len(self.key_rows):  # full: double the room
+            self.key_rows = np.concatenate([self.key_rows, np.full(len(self.key_rows), -1, np.int64)])
+        self.approx.add_with_ids(self.vectors[row:row + 1], np.array([key], np.int64))
+        self.key_rows[key], self.key_of[slot] = row, key
 
     def apply(self, changes: list) -> None:
         """Applies `gallery_store.Change`s in log order."""
@@ -235,17 +246,9 @@ class GalleryIndex:
         self.vectors[row], self.names[slot] = vector, identity
         if self.approx is not None:
             self._retire(slot, False)  # a re-enrolment: the old entry stays in the index, retired
-            self.key_of[slot] = self.slot_of_key_add(slot, self.vectors[row:row + 1])
+            self._add(slot)
         if self.pending is not None:
             self.pending.add(slot)
-
-    def slot_of_key_add(self, slot: int, vector: np.ndarray) -> int:
-        """Adds `vector` (1, D) to the approximate index under a new key for `slot`; the key."""
-        key = self.next_key
-        self.next_key += 1
-        self.approx.add_with_ids(vector, np.array([key], np.int64))
-        self.slot_of[key] = slot
-        return key
 
     def _remove(self, slot: int) -> None:
         row = self.rows.pop(slot, None)
@@ -256,6 +259,10 @@ class GalleryIndex:
         if row != last:  # the last row fills the hole
             moved = int(self.slots[last])
             self.vectors[row], self.slots[row], self.rows[moved] = self.vectors[last], moved, row
+            if moved in self.key_of:
+                self.key_rows[self.key_of[moved]] = row
+            if self.pending is not None:  # a build's copy holds it at its old row
+                self.pending.add(moved)
         self.vectors[last] = 0  # no copy of an erased vector stays in the spare rows
         if self.approx is not None:
             self._retire(slot, True)  # its entry stays in the index until compact(), never proposed again
@@ -292,9 +299,9 @@ class GalleryIndex:
         """The approximate index's shortlist per query, re-scored exactly: (sims, rows), each (Q, k)."""
         _, found = self.searched.search(queries, max(SHORTLIST, 20 * k))  # (Q, S) keys, -1 past the end
         sims, rows = np.full((len(queries), k), -np.inf, np.float32), np.full((len(queries), k), -1, np.int64)
-        live = self.slot_of
         for q, (query, keys) in enumerate(zip(queries, found)):
-            cand = np.fromiter((self.rows[live[key]] for key in keys.tolist() if key in live), np.int64)
+            cand = self.key_rows[keys[keys >= 0]]
+            cand = cand[cand >= 0]  # retired entries (module docstring) are never proposed
             exact = self.vectors[cand] @ query  # (S,)
             best = np.argsort(-exact)[:k]
             sims[q, :len(best)], rows[q, :len(best)] = exact[best], cand[best]
@@ -319,12 +326,14 @@ class GalleryIndex:
             trained_size = self.approx_size
             self.pending = set()
         try:
+            keys = np.arange(n, dtype=np.int64)  # the new index's entries are keyed by the copy's rows
             if trained is None:
-                index = new_approx(vectors, slots, self.probe, self.placement.codes(self.dim))
+                index = new_approx(vectors, keys, self.probe, self.placement.codes(self.dim))
             else:
                 trained.reset()
-                trained.add_with_ids(vectors, slots)
-                index, n = trained, trained_size  # the growth rule still counts from the training
+                trained.add_with_ids(vectors, keys)
+                index = trained
+            key_of = {int(s): k for k, s in enumerate(slots.tolist())}
         except BaseException:
             with self.rw.write():
                 self.pending = None
@@ -333,16 +342,13 @@ class GalleryIndex:
             pending, self.pending = self.pending, None
             if generation != self.generation:  # reloaded meanwhile: this copy is of an older gallery
                 return
-            current = {int(s) for s in slots}  # keyed by slot in the new index (new_approx)
-            key_of = {s: s for s in current}
-            self.approx, self.approx_size, self.rebuilt = index, n, True
-            self.key_of, self.slot_of = key_of, {s: s for s in current}
-            self.next_key, self.retired, self.erased = (max(current) + 1 if current else 0), 0, 0
-            for slot in pending or ():  # changed since the copy: retire what the copy had, add what is now
+            self.approx, self.rebuilt = index, True
+            self.approx_size = n if trained is None else trained_size  # the growth rule counts from the training
+            self._keyed(keys, n, key_of)
+            for slot in pending or ():  # changed or moved since the copy: retire the copy's entry, add what is now
                 self._retire(slot, slot not in self.rows)
                 if slot in self.rows:
-                    row = self.rows[slot]
-                    self.key_of[slot] = self.slot_of_key_add(slot, self.vectors[row:row + 1])
+                    self._add(slot)
             self._upload()
 
     def compact(self) -> None:

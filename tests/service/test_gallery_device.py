@@ -69,7 +69,7 @@ def test_removal_and_re_enrolment_reach_the_searched_copy(clone_index):
     # add entries: 2,000 + 50 + 20 in the index, of which the live ones are exactly the held identities
     assert idx.searched is not stale and idx.searched.ntotal == idx.approx.ntotal == 2000 + 50 + 20
     retired = set(range(0, 300, 3)) | set(range(1, 100, 2))  # each of these slots' original entry, once
-    assert sorted(idx.names[s] for s in idx.slot_of.values()) == sorted(held) and idx.retired == len(retired)
+    assert sorted(idx.names[s] for s in idx.key_of) == sorted(held) and idx.retired == len(retired)
     queries = np.concatenate([moved[:20], unit(rng, 20)])  # the re-enrolled faces, and strangers
     found = idx.search_now(queries, 10)  # a removed slot in the copy would raise KeyError here
     assert [[name for name, _ in row] for row in found] == exact(held, queries, 10)
@@ -83,7 +83,7 @@ def test_a_copy_not_uploaded_again_would_miss_the_changes(clone_index):
     stale, face = idx.searched, unit(np.random.default_rng(9), 1)
     idx.apply([Change("2-0", "put", 7, "id7", face[0])])
     new_key = idx.key_of[7]
-    assert new_key != 7 and 7 not in idx.slot_of  # the old entry (keyed 7) is retired
+    assert new_key != 7 and idx.key_rows[7] == -1  # the old entry (keyed 7) is retired
     assert stale.search(face, 1)[1][0, 0] != new_key and idx.searched.search(face, 1)[1][0, 0] == new_key
     assert idx.search_now(face, 1)[0][0][0] == "id7"
     idx.apply([Change("3-0", "del", 7, None, None)])
