@@ -145,12 +145,13 @@ def export_iresnet(arch: str, out: Path, device: str) -> Path:
     return path
 
 
-def fp16_copy(path: Path) -> Path:
-    """The same graph in FP16 (float32 inputs and outputs kept), with ONNX Runtime's own converter."""
+def fp16_copy(path: Path, folder: Path) -> Path:
+    """The same graph in FP16 (float32 inputs and outputs kept), with ONNX Runtime's own converter, written in
+    `folder` (the run's work folder: never beside a shipped model)."""
     import onnx
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
-    out = path.with_name(path.stem + ".fp16.onnx")
+    out = folder / (path.stem + ".fp16.onnx")
     onnx.save(convert_float_to_float16(onnx.load(str(path)), keep_io_types=True), str(out))
     return out
 
@@ -222,7 +223,7 @@ def cuda_provider(models: list[str], out: Path, seconds: float, peak: float) -> 
     results, parity_rows, speed_rows = {}, [], []
     for name in models:
         fp32, x = model_inputs(name, out, "cuda")
-        fp16 = fp16_copy(fp32)
+        fp16 = fp16_copy(fp32, out)
         cpu = ort.InferenceSession(str(fp32), providers=["CPUExecutionProvider"])
         gpu = ort.InferenceSession(str(fp16), providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
         on = gpu.get_providers()[0]
