@@ -28,6 +28,7 @@ import time
 import uuid
 from pathlib import Path
 
+import faiss
 import httpx
 import numpy as np
 import redis
@@ -135,6 +136,7 @@ def main(argv=None) -> None:
     ap.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
     ap.add_argument("--skip-api", action="store_true")
     args = ap.parse_args(argv)
+    faiss.omp_set_num_threads(1)  # exact and approximate alike, as a search worker runs them (service.gallery)
     rng = np.random.default_rng(0)
     queries = random_unit(np.random.default_rng(1), 200)
     rows = index_rows("random unit", random_unit(rng, args.size), queries, args.probes)
