@@ -4,6 +4,7 @@
     python benchmarks/open_set.py calibrate        # the card's FPIR tail model, quality floors and bands (hold-out only)
     python benchmarks/open_set.py holdout-check    # the FPIR method fitted on half the hold-out, checked on the other
     python benchmarks/open_set.py holdout-quality  # wrong identifications by probe quality on the hold-out
+    python benchmarks/open_set.py holdout-gating   # ... and with the probe floor against without, at equal FPIR
     python benchmarks/open_set.py within-set       # probes and galleries from one set (one site's photos)
     python benchmarks/open_set.py evaluate         # lfw-dev, cfp-dev, celeba-299-kept: FPIR/FNIR, DET, negatives, /verify bands
 
@@ -624,9 +625,64 @@ def within_set(sizes=(30, 100, 200, 400), draws: int = 100) -> list[dict]:
     return out
 
 
+def holdout_gating(n: int = 300, draws: int = 30, targets=(0.1, 0.03, 0.01)) -> list[dict]:
+    """Does the probe floor lower wrong identifications at equal FPIR on held-out people? Galleries of n hold-out
+    identities (one random photo each), every other photo searching; the threshold swept separately with the
+    floor (probes below it answer low_quality: never identified) and without, each taken at the lowest threshold
+    whose measured FPIR is at most the target; mated probes identified as someone else, and FNIR, at that point."""
+    from engines.model_card import ModelCard, quality_from_magnitude
+    from engines.open_set import impostor_matrix
+
+    card = ModelCard.load(CARD)
+    floor = card.calibration.floors.probe
+    emb, labels, _ = faces("celeba-holdout")
+    quality = quality_from_magnitude(card, np.linalg.norm(emb, axis=1))
+    unit = emb / np.linalg.norm(emb, axis=1, keepdims=True)
+    imp, _ = impostor_matrix(unit, labels)
+    sim = unit @ unit.T
+    rows = [np.flatnonzero(labels == c) for c in range(labels.max() + 1)]
+    rng = np.random.default_rng(0)
+    kept = {k: [] for k in ("m_best", "m_right", "m_q", "n_best", "n_q")}
+    for _ in range(draws):
+        chosen = rng.choice(len(rows), n, replace=False)
+        photo = np.array([rng.choice(rows[c]) for c in chosen])
+        column = np.full(len(rows), -1)
+        column[chosen] = np.arange(n)
+        own = column[labels]
+        scores = np.where(np.isnan(imp[:, photo]), -np.inf, imp[:, photo])
+        mated = (own >= 0) & ~np.isin(np.arange(len(labels)), photo)
+        with_own = scores.copy()
+        with_own[mated, own[mated]] = sim[mated, photo[own[mated]]]
+        kept["m_best"].append(with_own.max(1)[mated])
+        kept["m_right"].append((with_own.argmax(1) == own)[mated])
+        kept["m_q"].append(quality[mated])
+        kept["n_best"].append(scores.max(1)[own < 0])
+        kept["n_q"].append(quality[own < 0])
+    k = {name: np.concatenate(v) for name, v in kept.items()}
+    grid = np.quantile(k["n_best"], 1 - np.geomspace(0.5, 1e-3, 400))
+    out = []
+    for gated in (True, False):
+        m_on = (k["m_q"] >= floor) if gated else np.ones(k["m_q"].size, bool)
+        n_on = (k["n_q"] >= floor) if gated else np.ones(k["n_q"].size, bool)
+        for target in targets:
+            t = next(t for t in grid if np.mean(n_on & (k["n_best"] >= t)) <= target)
+            hit = m_on & (k["m_best"] >= t)
+            out.append(dict(gated=gated, target=target, threshold=float(t), floor=floor, n=n,
+                            fpir=float(np.mean(n_on & (k["n_best"] >= t))),
+                            mated_wrong=float(np.mean(hit & ~k["m_right"])), fnir=float(np.mean(~(hit & k["m_right"]))),
+                            low_quality=float(np.mean(~m_on))))
+    print(f"| target FPIR | floor ({floor:.3f}) | threshold | FPIR | mated identified as someone else | FNIR |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for r in sorted(out, key=lambda r: (-r["target"], not r["gated"])):
+        print(f"| {r['target']:g} | {'on' if r['gated'] else 'off'} | {r['threshold']:.4f} | {100 * r['fpir']:.2f} % | "
+              f"{100 * r['mated_wrong']:.2f} % | {100 * r['fnir']:.1f} % |")
+    return out
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("step", choices=("embed", "calibrate", "holdout-check", "holdout-quality", "within-set", "evaluate"))
+    ap.add_argument("step", choices=("embed", "calibrate", "holdout-check", "holdout-quality", "holdout-gating", "within-set",
+                                        "evaluate"))
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks", help="evaluate: where the JSON and the PNG go")
     ap.add_argument("--sets", nargs="*", default=list(SETS))
     ap.add_argument("--threads", type=int, default=1)
@@ -641,6 +697,11 @@ def main(argv=None) -> None:
 
         rows = holdout_check()
         (args.out / "open_set_holdout_check.json").write_text(json.dumps(rows, indent=1))
+    elif args.step == "holdout-gating":
+        import json
+
+        rows = holdout_gating()
+        (args.out / "open_set_holdout_gating.json").write_text(json.dumps(rows, indent=1))
     elif args.step == "within-set":
         import json
 
