@@ -679,11 +679,17 @@ def holdout_gating(n: int = 300, draws: int = 30, targets=(0.1, 0.03, 0.01)) -> 
     return out
 
 
+# the analysis steps: each prints its table and writes its rows to OUT/open_set_<name>.json
+TABLES = {"holdout-check": holdout_check, "holdout-quality": holdout_quality, "holdout-gating": holdout_gating,
+          "within-set": within_set}
+
+
 def main(argv=None) -> None:
+    import json
+
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("step", choices=("embed", "calibrate", "holdout-check", "holdout-quality", "holdout-gating", "within-set",
-                                        "evaluate"))
-    ap.add_argument("--out", type=Path, default=REPO / "benchmarks", help="evaluate: where the JSON and the PNG go")
+    ap.add_argument("step", choices=("embed", "calibrate", *TABLES, "evaluate"))
+    ap.add_argument("--out", type=Path, default=REPO / "benchmarks", help="where the JSON (and evaluate's PNG) go")
     ap.add_argument("--sets", nargs="*", default=list(SETS))
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args(argv)
@@ -692,26 +698,9 @@ def main(argv=None) -> None:
             print(embed_set(name, args.threads), flush=True)
     elif args.step == "calibrate":
         calibrate_card()
-    elif args.step == "holdout-check":
-        import json
-
-        rows = holdout_check()
-        (args.out / "open_set_holdout_check.json").write_text(json.dumps(rows, indent=1))
-    elif args.step == "holdout-gating":
-        import json
-
-        rows = holdout_gating()
-        (args.out / "open_set_holdout_gating.json").write_text(json.dumps(rows, indent=1))
-    elif args.step == "within-set":
-        import json
-
-        rows = within_set()
-        (args.out / "open_set_within_set.json").write_text(json.dumps(rows, indent=1))
-    elif args.step == "holdout-quality":
-        import json
-
-        rows = holdout_quality()
-        (args.out / "open_set_holdout_quality.json").write_text(json.dumps(rows, indent=1))
+    elif args.step in TABLES:
+        rows = TABLES[args.step]()
+        (args.out / f"open_set_{args.step.replace('-', '_')}.json").write_text(json.dumps(rows, indent=1))
     else:
         evaluate(args.out)
 
