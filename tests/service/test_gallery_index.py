@@ -7,6 +7,7 @@ cross it, and every list is probed (random vectors have no structure for fewer l
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 
@@ -55,6 +56,20 @@ def exact_top(service: GalleryService, gallery: str, queries: np.ndarray, k: int
 
 def top_ids(results) -> list[list[str]]:
     return [[i for i, _ in r] for r in results]
+
+
+@contextlib.asynccontextmanager
+async def snapshotting_pair(client, settings, tmp_path):
+    """(a replica that snapshots every gallery into tmp_path, another replica that writes), over one Redis client."""
+    r = aioredis.from_url(REDIS_URL)
+    a = replica(client, settings, r, snapshot_dir=tmp_path, snapshot_min=0, snapshot_interval_s=3600)
+    writer = replica(client, settings, r)
+    try:
+        yield a, writer
+    finally:
+        for service in (a, writer):
+            service.close()
+        await r.aclose()
 
 
 def test_the_approximate_index_finds_what_the_exact_scan_finds(client, settings):
@@ -170,26 +185,21 @@ def test_a_deletion_leaves_the_snapshot_within_the_erasure_bound(client, setting
     interval = 0.3
 
     async def run():
-        r = aioredis.from_url(REDIS_URL)
-        a = replica(client, settings, r, snapshot_dir=tmp_path, snapshot_min=0, snapshot_interval_s=3600)
-        writer = replica(client, settings, r)
-        vectors = unit(np.random.default_rng(5), 50)
-        await fill(writer, "erase", vectors)
-        await a.save("erase", await a.synced("erase"))
-        path = a.snapshot_path("erase")
-        victim = vectors[7].astype("<f4").tobytes()
-        assert b"id7" in path.read_bytes() and victim in path.read_bytes()
-        follower = asyncio.create_task(a.follow(interval))
-        await writer.store.delete("erase", "id7")  # on another replica; nobody reads the gallery on `a`
-        deleted = time.monotonic()
-        while b"id7" in path.read_bytes() or victim in path.read_bytes():
-            assert time.monotonic() - deleted < 2 * interval + 1, "the snapshot kept the erased identity"
-            await asyncio.sleep(0.05)
-        assert b"id8" in path.read_bytes()
-        follower.cancel()
-        for service in (a, writer):
-            service.close()
-        await r.aclose()
+        async with snapshotting_pair(client, settings, tmp_path) as (a, writer):
+            vectors = unit(np.random.default_rng(5), 50)
+            await fill(writer, "erase", vectors)
+            await a.save("erase", await a.synced("erase"))
+            path = a.snapshot_path("erase")
+            victim = vectors[7].astype("<f4").tobytes()
+            assert b"id7" in path.read_bytes() and victim in path.read_bytes()
+            follower = asyncio.create_task(a.follow(interval))
+            await writer.store.delete("erase", "id7")  # on another replica; nobody reads the gallery on `a`
+            deleted = time.monotonic()
+            while b"id7" in path.read_bytes() or victim in path.read_bytes():
+                assert time.monotonic() - deleted < 2 * interval + 1, "the snapshot kept the erased identity"
+                await asyncio.sleep(0.05)
+            assert b"id8" in path.read_bytes()
+            follower.cancel()
 
     asyncio.run(run())
 
@@ -221,28 +231,23 @@ def test_a_deletion_leaves_the_approximate_index_within_the_erasure_bound(client
     interval = 0.3
 
     async def run():
-        r = aioredis.from_url(REDIS_URL)
-        a = replica(client, settings, r, snapshot_dir=tmp_path, snapshot_min=0, snapshot_interval_s=3600)
-        writer = replica(client, settings, r)
-        vectors = unit(np.random.default_rng(12), 1000)
-        await fill(writer, "erase-approx", vectors)
-        await built(a, "erase-approx")
-        idx = a.indexes["erase-approx"]
-        own = idx.approx.search(vectors[7][None], 1)[0][0, 0]  # the (code-estimated) score of id7's own entry
-        assert own > 0.8
-        follower = asyncio.create_task(a.follow(interval))
-        await writer.store.delete("erase-approx", "id7")
-        deleted = time.monotonic()
-        while idx.erased or idx.approx.ntotal != 999 or not a.snapshot_path("erase-approx").exists():
-            assert time.monotonic() - deleted < 2 * interval + 5, "the approximate index kept the erased entry"
-            await asyncio.sleep(0.05)
-        assert "id7" not in [name for name, _ in idx.search_now(vectors[7][None], 10)[0]]
-        assert idx.approx.search(vectors[7][None], 1)[0][0, 0] < 0.6  # no entry holds id7's codes any more
-        written = a.snapshot_path("erase-approx").stat().st_mtime
-        assert written >= deleted - 1 and b"id7\n" not in a.snapshot_path("erase-approx").read_bytes()
-        follower.cancel()
-        for service in (a, writer):
-            service.close()
-        await r.aclose()
+        async with snapshotting_pair(client, settings, tmp_path) as (a, writer):
+            vectors = unit(np.random.default_rng(12), 1000)
+            await fill(writer, "erase-approx", vectors)
+            await built(a, "erase-approx")
+            idx = a.indexes["erase-approx"]
+            own = idx.approx.search(vectors[7][None], 1)[0][0, 0]  # the (code-estimated) score of id7's own entry
+            assert own > 0.8
+            follower = asyncio.create_task(a.follow(interval))
+            await writer.store.delete("erase-approx", "id7")
+            deleted = time.monotonic()
+            while idx.erased or idx.approx.ntotal != 999 or not a.snapshot_path("erase-approx").exists():
+                assert time.monotonic() - deleted < 2 * interval + 5, "the approximate index kept the erased entry"
+                await asyncio.sleep(0.05)
+            assert "id7" not in [name for name, _ in idx.search_now(vectors[7][None], 10)[0]]
+            assert idx.approx.search(vectors[7][None], 1)[0][0, 0] < 0.6  # no entry holds id7's codes any more
+            written = a.snapshot_path("erase-approx").stat().st_mtime
+            assert written >= deleted - 1 and b"id7\n" not in a.snapshot_path("erase-approx").read_bytes()
+            follower.cancel()
 
     asyncio.run(run())
