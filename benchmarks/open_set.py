@@ -535,35 +535,49 @@ def holdout_check(splits: int = 3, sizes=(10, 30, 100, 300), reps: int = 20) -> 
     return out
 
 
-def holdout_quality(n: int = 300, draws: int = 30, bins: int = 10) -> list[dict]:
-    """Do low-quality probes make wrong identifications on the hold-out (the calibration's own people)? Galleries of
-    n hold-out identities (one random photo each), every other photo searching at the card's FPIR thresholds: by
-    probe-quality decile, mated probes identified as someone else, mated probes missed, non-mated probes identified."""
-    from engines.model_card import ModelCard, quality_from_magnitude, tail_threshold
+def holdout_searches(card, n: int, draws: int, rng: np.random.Generator):
+    """(per-photo quality, then per draw (own, mated, scores, with_own)): galleries of n hold-out identities (one
+    random photo each), every other photo searching. own (P,) the photo's gallery column or -1; mated (P,) its person
+    is enrolled and it is not the enrolment photo; scores (P, n) impostor cosines only (its own person, and duplicate
+    identities, at -inf); with_own: scores with the mated photos' own column filled in."""
+    from engines.model_card import quality_from_magnitude
     from engines.open_set import impostor_matrix
 
-    card = ModelCard.load(CARD)
     emb, labels, _ = faces("celeba-holdout")
     quality = quality_from_magnitude(card, np.linalg.norm(emb, axis=1))
     unit = emb / np.linalg.norm(emb, axis=1, keepdims=True)
     imp, _ = impostor_matrix(unit, labels)  # NaN: same identity or a duplicate identity
     sim = unit @ unit.T
     rows = [np.flatnonzero(labels == c) for c in range(labels.max() + 1)]
-    out = []
-    for fpir in (0.1, 0.01):
-        t = tail_threshold(card.calibration.open_set, fpir, n)
-        rng = np.random.default_rng(0)
-        kept = {k: [] for k in ("wrong", "miss", "q_mated", "stranger", "q_nonmated")}
+
+    def each():
         for _ in range(draws):
             chosen = rng.choice(len(rows), n, replace=False)
             photo = np.array([rng.choice(rows[c]) for c in chosen])
             column = np.full(len(rows), -1)
             column[chosen] = np.arange(n)
             own = column[labels]
-            scores = np.where(np.isnan(imp[:, photo]), -np.inf, imp[:, photo])  # impostors only
+            scores = np.where(np.isnan(imp[:, photo]), -np.inf, imp[:, photo])
             mated = (own >= 0) & ~np.isin(np.arange(len(labels)), photo)
             with_own = scores.copy()
             with_own[mated, own[mated]] = sim[mated, photo[own[mated]]]
+            yield own, mated, scores, with_own
+    return quality, each()
+
+
+def holdout_quality(n: int = 300, draws: int = 30, bins: int = 10) -> list[dict]:
+    """Do low-quality probes make wrong identifications on the hold-out (the calibration's own people)? Galleries of
+    n hold-out identities (one random photo each), every other photo searching at the card's FPIR thresholds: by
+    probe-quality decile, mated probes identified as someone else, mated probes missed, non-mated probes identified."""
+    from engines.model_card import ModelCard, tail_threshold
+
+    card = ModelCard.load(CARD)
+    out = []
+    for fpir in (0.1, 0.01):
+        t = tail_threshold(card.calibration.open_set, fpir, n)
+        quality, draws_ = holdout_searches(card, n, draws, np.random.default_rng(0))
+        kept = {k: [] for k in ("wrong", "miss", "q_mated", "stranger", "q_nonmated")}
+        for own, mated, scores, with_own in draws_:
             top, best = with_own.argmax(1), with_own.max(1)
             kept["wrong"].append(((best >= t) & (top != own))[mated])
             kept["miss"].append(~((best >= t) & (top == own))[mated])
@@ -630,29 +644,13 @@ def holdout_gating(n: int = 300, draws: int = 30, targets=(0.1, 0.03, 0.01)) -> 
     identities (one random photo each), every other photo searching; the threshold swept separately with the
     floor (probes below it answer low_quality: never identified) and without, each taken at the lowest threshold
     whose measured FPIR is at most the target; mated probes identified as someone else, and FNIR, at that point."""
-    from engines.model_card import ModelCard, quality_from_magnitude
-    from engines.open_set import impostor_matrix
+    from engines.model_card import ModelCard
 
     card = ModelCard.load(CARD)
     floor = card.calibration.floors.probe
-    emb, labels, _ = faces("celeba-holdout")
-    quality = quality_from_magnitude(card, np.linalg.norm(emb, axis=1))
-    unit = emb / np.linalg.norm(emb, axis=1, keepdims=True)
-    imp, _ = impostor_matrix(unit, labels)
-    sim = unit @ unit.T
-    rows = [np.flatnonzero(labels == c) for c in range(labels.max() + 1)]
-    rng = np.random.default_rng(0)
+    quality, draws_ = holdout_searches(card, n, draws, np.random.default_rng(0))
     kept = {k: [] for k in ("m_best", "m_right", "m_q", "n_best", "n_q")}
-    for _ in range(draws):
-        chosen = rng.choice(len(rows), n, replace=False)
-        photo = np.array([rng.choice(rows[c]) for c in chosen])
-        column = np.full(len(rows), -1)
-        column[chosen] = np.arange(n)
-        own = column[labels]
-        scores = np.where(np.isnan(imp[:, photo]), -np.inf, imp[:, photo])
-        mated = (own >= 0) & ~np.isin(np.arange(len(labels)), photo)
-        with_own = scores.copy()
-        with_own[mated, own[mated]] = sim[mated, photo[own[mated]]]
+    for own, mated, scores, with_own in draws_:
         kept["m_best"].append(with_own.max(1)[mated])
         kept["m_right"].append((with_own.argmax(1) == own)[mated])
         kept["m_q"].append(quality[mated])
