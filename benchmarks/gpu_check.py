@@ -128,17 +128,11 @@ def export_iresnet(arch: str, out: Path, device: str) -> Path:
     import torch
 
     from training.export import ExportModule, export_graph
-    from training.models import build_backbone
+    from training.models import build_backbone, settle_batchnorm
 
     torch.manual_seed(0)
     backbone = build_backbone(arch).to(device)
-    for m in backbone.modules():
-        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-            m.momentum = None  # cumulative average over the passes below
-    backbone.train()
-    with torch.no_grad():
-        for _ in range(4):
-            backbone(torch.randn(32, 3, 112, 112, device=device))
+    settle_batchnorm(backbone, (torch.randn(32, 3, 112, 112, device=device) for _ in range(4)))
     backbone.eval().cpu()
     path = out / f"{arch}.onnx"
     export_graph(ExportModule(backbone, "RGB", [127.5] * 3, [127.5] * 3), 112, path)

@@ -13,21 +13,13 @@ def tiny_model(tmp_path_factory) -> Path:
     """A random-weight MobileFaceNet (width 0.25, D = EMBEDDING_SIZE) exported by training.export: its card.yaml."""
     torch = pytest.importorskip("torch")
     from training.export import export_onnx
-    from training.models import build_backbone
+    from training.models import build_backbone, settle_batchnorm
 
     torch.set_num_threads(1)
     torch.manual_seed(0)
     root = tmp_path_factory.mktemp("tiny")
     model = build_backbone("mobilefacenet", embedding_size=EMBEDDING_SIZE, width_mult=0.25)
-    # at init the activations shrink ~10× per stage (embedding norms ~1e-4, every test trivially
-    # "close"); BN statistics from two random batches give them a trained network's scale
-    for module in model.modules():
-        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
-            module.momentum = None  # a plain average over the batches
-    model.train()
-    with torch.no_grad():
-        for _ in range(2):
-            model(torch.rand(16, 3, 112, 112) * 2 - 1)
+    settle_batchnorm(model, (torch.rand(16, 3, 112, 112) * 2 - 1 for _ in range(2)))  # a trained network's scale
     torch.save({"backbone": model.state_dict(), "arch": "mobilefacenet", "embedding_size": EMBEDDING_SIZE,
                 "kwargs": {"width_mult": 0.25}, "input_size": 112}, root / "backbone.pt")
     export_onnx(root / "backbone.pt", root / "model", "tiny", "1", {"licence": "test"})

@@ -351,3 +351,18 @@ def test_mobilefacenet_with_128d_embedding_is_the_papers_size() -> None:
     """Chen et al. 2018, Table 2: MobileFaceNet has 0.99 M parameters (128-d embedding)."""
     count = sum(p.numel() for p in meta_backbone("mobilefacenet", embedding_size=128).parameters())
     assert count / 1e6 == pytest.approx(0.99, abs=0.015)
+
+
+def test_settle_batchnorm_keeps_the_plain_average_of_the_batches_statistics():
+    """Two batches of known means (1 and 3 per channel) and variances: the running mean is their plain average, 2,
+    not the default momentum's 0.1-weighted one (0.37)."""
+    from training.models import settle_batchnorm
+
+    bn = torch.nn.BatchNorm1d(3)
+    batches = [torch.full((4, 3), 1.0) + torch.tensor([[-1.0], [1.0], [-1.0], [1.0]]),
+               torch.full((4, 3), 3.0) + torch.tensor([[-2.0], [2.0], [-2.0], [2.0]])]
+    settle_batchnorm(bn, batches)
+    assert torch.allclose(bn.running_mean, torch.full((3,), 2.0))
+    # unbiased variances of the two batches: 4/3 and 16/3 -> their average 10/3
+    assert torch.allclose(bn.running_var, torch.full((3,), 10 / 3))
+    assert bn.momentum is None and bn.num_batches_tracked.item() == 2

@@ -21,3 +21,20 @@ def build_backbone(name: str, **kwargs):
 def _import_all() -> None:
     # modules register themselves on import; imported lazily so `import training.models` stays cheap
     from training.models import dlib_resnet, iresnet, mobilefacenet  # noqa: F401
+
+
+def settle_batchnorm(model, batches) -> None:
+    """BatchNorm statistics from `batches` (an iterable of input tensors): their plain average, no gradients.
+
+    A randomly initialised backbone shrinks its activations ~10× per stage (embeddings of norm ~1e-4, so every
+    comparison is trivially "close"); statistics from a few random batches give an untrained network a trained
+    one's scale, for exports whose parity or speed is measured rather than their accuracy."""
+    import torch
+
+    for module in model.modules():
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+            module.momentum = None  # cumulative average over the batches
+    model.train()
+    with torch.no_grad():
+        for batch in batches:
+            model(batch)
